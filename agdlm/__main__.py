@@ -1,0 +1,3 @@
+from agdlm.cli import main
+
+raise SystemExit(main())

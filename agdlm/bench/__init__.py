@@ -1,0 +1,1 @@
+"""Benchmarks that print figures (`agdlm bench optim|data|dist`); never timed asserts."""
