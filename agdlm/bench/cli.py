@@ -1,0 +1,20 @@
+"""`agdlm bench NAME [args]`: run the benchmark module agdlm.bench.NAME."""
+
+from __future__ import annotations
+
+import importlib
+
+BENCHMARKS = {
+    "optim": "one optimiser step: AGD vs torch AdamW on GPT-2-124M-shaped parameters",
+    "data": "tokenizer, streaming loader and pre-tokenised loader throughput",
+    "dist": "1 and 2 CPU ranks per backend: tokens/s, AGD all-reduce bytes, optimiser state, RSS",
+}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in BENCHMARKS:
+        print("usage: agdlm bench {" + ",".join(BENCHMARKS) + "} [args]")
+        for name, text in BENCHMARKS.items():
+            print(f"  {name:<6} {text}")
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    return int(importlib.import_module(f"agdlm.bench.{argv[0]}").main(argv[1:]) or 0)
