@@ -213,8 +213,15 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> None:
         raw[section][name] = value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    raw = _read_yaml(resolve_config_path(path or "demo.yaml"))
+def load_config(paths: str | Path | list | None = None, overrides: list[str] | None = None) -> Config:
+    """Merge the config files in order (default: demo.yaml), then apply the overrides."""
+    if paths is None or paths == []:
+        paths = ["demo.yaml"]
+    elif isinstance(paths, (str, Path)):
+        paths = [paths]
+    raw: dict[str, Any] = {}
+    for path in paths:
+        _deep_merge(raw, _read_yaml(resolve_config_path(path)))
     apply_overrides(raw, overrides or [])
     return build_config(raw)
 

@@ -8,7 +8,6 @@ so its checkpoints and habits carry over. Weight init is left to the optimiser's
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 
@@ -173,17 +172,3 @@ class GPT(nn.Module):
         return idx
 
 
-def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """nanoGPT's split: weight decay on matrices and embeddings (dim >= 2), none on
-    biases and LayerNorm parameters."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-
-
-def fused_adamw_available(device_type: str) -> bool:
-    return "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type == "cuda"

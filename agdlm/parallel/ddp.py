@@ -1,0 +1,27 @@
+"""DistributedDataParallel: every rank holds the whole model; gradients are averaged by
+DDP's all-reduce on the last micro-batch, so AGD sees the full mean gradient locally and
+needs no reduction of its own. One process without torchrun runs unwrapped."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+from agdlm.parallel.base import Backend
+
+
+class DDPBackend(Backend):
+    name = "ddp"
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        if not self.env.distributed:
+            return model
+        device_ids = [self.env.device.index] if self.env.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids)
+
+    def accumulation_context(self, is_last_micro_batch: bool):
+        if isinstance(self.model, DistributedDataParallel) and not is_last_micro_batch:
+            return self.model.no_sync()
+        return contextlib.nullcontext()

@@ -1,0 +1,303 @@
+"""The training loop: config -> data -> model -> backend -> optimiser -> steps, evals,
+checkpoints and metrics. `agdlm train [CONFIG ...] [section.key=value ...]`.
+
+A run lives in <train.out_dir>/<train.run_name>/. Launching the same run again resumes
+from its latest checkpoint (the same loss curve, step for step); a run that has its DONE
+marker is not trained again."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from agdlm.checkpoint import begin_checkpoint, checkpoints_dir, commit_checkpoint, latest_checkpoint, read_json, write_json
+from agdlm.config import Config, ConfigError, config_to_yaml, load_config, section_help
+from agdlm.data import build_data
+from agdlm.metrics import build_metrics, memory_stats, peak_flops, roll_back_metrics
+from agdlm.model import GPT
+from agdlm.parallel import build_backend, init_distributed, shutdown_distributed
+from agdlm import provenance
+
+# Sections whose change makes a checkpoint a different experiment; train.* and log.* may change
+# (e.g. a longer max_steps), parallel.* may change where the backend allows it.
+RESUME_MUST_MATCH = ("model", "optim", "data")
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def make_optimizer_factory(cfg: Config, device_type: str):
+    def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+        if cfg.optim.name == "agd":
+            from agdlm.optim.agd import AGD
+
+            return AGD(model, policy=cfg.optim.policy, gain=cfg.optim.gain)
+        from agdlm.optim.adamw import build_adamw
+
+        return build_adamw(model, cfg.optim, device_type)
+
+    return make_optimizer
+
+
+def check_resume_compatible(cfg: Config, run_dir: Path) -> None:
+    import yaml
+
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved, now = yaml.safe_load(saved_path.read_text()), cfg.to_dict()
+    diffs = [
+        f"{section}.{key}: {saved.get(section, {}).get(key)!r} -> {value!r}"
+        for section in RESUME_MUST_MATCH
+        for key, value in now[section].items()
+        if saved.get(section, {}).get(key, value) != value
+    ]
+    if saved.get("train", {}).get("global_batch_size") != now["train"]["global_batch_size"]:
+        diffs.append(f"train.global_batch_size: {saved['train']['global_batch_size']} -> {now['train']['global_batch_size']}")
+    if diffs:
+        raise ConfigError(
+            f"{run_dir} holds a checkpoint of a different experiment ({'; '.join(diffs)}); "
+            "use another train.run_name or train.out_dir"
+        )
+
+
+class Trainer:
+    def __init__(self, cfg: Config, env, command_line: list[str] | None = None):
+        self.cfg, self.env = cfg, env
+        self.command_line = command_line
+        self.run_dir = Path(cfg.train.out_dir) / cfg.train.run_name
+        self.total_steps = cfg.total_steps()
+        self.accum_steps = cfg.grad_accum_steps(env.world_size)
+        self.tokens_per_step = cfg.train.global_batch_size * cfg.model.block_size
+        self.step = 0
+
+    # ---- setup -----------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg, env = self.cfg, self.env
+        resume_from = latest_checkpoint(self.run_dir)
+        if resume_from is not None:
+            check_resume_compatible(cfg, self.run_dir)
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+            self._write_provenance(resumed_from=resume_from)
+        env.barrier()
+
+        torch.manual_seed(cfg.train.seed + env.rank)  # dropout differs per rank; data does not
+        self.data = build_data(cfg, rank=env.rank, world_size=env.world_size, barrier=env.barrier)
+
+        model = GPT(cfg.model)
+        if resume_from is None and cfg.optim.name == "agd":
+            from agdlm.optim.agd import AGD
+
+            AGD(model, policy=cfg.optim.policy, gain=cfg.optim.gain).init_weights()
+        self.backend = build_backend(cfg, env)
+        self.backend.setup(model, make_optimizer_factory(cfg, env.device.type))
+        self.peak_flops = peak_flops(env.device)
+
+        if resume_from is not None:
+            self._load_checkpoint(resume_from)
+        self.metrics = build_metrics(cfg, self.run_dir, env, resumed=resume_from is not None)
+
+    def _write_provenance(self, resumed_from: Path | None) -> None:
+        path = self.run_dir / "provenance.json"
+        record = provenance.collect(
+            world_size=self.env.world_size,
+            seeds={"train.seed": self.cfg.train.seed, "data.seed": self.cfg.data.seed},
+            command_line=self.command_line,
+            device=str(self.env.device),
+        )
+        if resumed_from is not None and path.is_file():
+            previous = read_json(path)
+            previous.setdefault("resumes", []).append({**record, "from_checkpoint": resumed_from.name})
+            record = previous
+        write_json(path, record)
+
+    # ---- checkpoints -----------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        env = self.env
+        if env.is_main:
+            begin_checkpoint(self.run_dir, self.step)
+        env.barrier()
+        folder = checkpoints_dir(self.run_dir) / f".tmp_step_{self.step}"
+        self.backend.save(folder)
+        rng = {"cpu": torch.get_rng_state()}
+        if env.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(env.device)
+        torch.save(rng, folder / f"rng_rank{env.rank}.pt")
+        write_json(folder / f"data_rank{env.rank}.json", self.data.train.state_dict())
+        if env.is_main:
+            write_json(
+                folder / "trainer.json",
+                {"step": self.step, "tokens": self.step * self.tokens_per_step, "world_size": env.world_size},
+            )
+        env.barrier()
+        if env.is_main:
+            commit_checkpoint(self.run_dir, self.step, self.cfg.train.keep_checkpoints)
+        env.barrier()
+
+    def _load_checkpoint(self, folder: Path) -> None:
+        env = self.env
+        state = read_json(folder / "trainer.json")
+        self.step = int(state["step"])
+        self.backend.load(folder)
+        data_file = folder / f"data_rank{env.rank}.json"
+        self.data.train.load_state_dict(read_json(data_file if data_file.is_file() else folder / "data_rank0.json"))
+        rng_file = folder / f"rng_rank{env.rank}.pt"
+        if state["world_size"] == env.world_size and rng_file.is_file():
+            rng = torch.load(rng_file, weights_only=True)
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and env.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], env.device)
+        if env.is_main:
+            dropped = roll_back_metrics(self.run_dir / "metrics.jsonl", self.step)
+            print(f"resumed {self.run_dir} from {folder.name} (step {self.step}); "
+                  f"{dropped} metric records after it moved to metrics.rolled_back.jsonl", flush=True)
+
+    # ---- eval ------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        model = self.backend.model
+        model.eval()
+        total, count = torch.zeros((), device=self.env.device), 0
+        for k in range(self.cfg.train.eval_batches):
+            for x, y in self.data.val.batch(k):
+                with self.backend.autocast():
+                    _, loss = model(x.to(self.env.device), y.to(self.env.device))
+                total += loss.float()
+                count += 1
+        model.train()
+        return self.backend.all_reduce_mean(total / count).item()
+
+    def log_eval(self) -> float:
+        val_loss = self.evaluate()
+        self.metrics.log({"step": self.step, "tokens": self.step * self.tokens_per_step, "kind": "eval", "val_loss": val_loss})
+        return val_loss
+
+    # ---- the loop --------------------------------------------------------------------
+    def train_step(self) -> tuple[torch.Tensor, dict]:
+        cfg, backend, dev = self.cfg, self.backend, self.env.device
+        if cfg.optim.name == "adamw":
+            from agdlm.optim.adamw import lr_at
+
+            lr = lr_at(self.step, cfg.optim, self.total_steps)
+            for group in backend.optimizer.param_groups:
+                group["lr"] = lr
+        micro_batches = self.data.train.next_batch()
+        loss_sum = torch.zeros((), device=dev)
+        for i, (x, y) in enumerate(micro_batches):
+            loss_sum += backend.forward_backward(
+                x.to(dev, non_blocking=True), y.to(dev, non_blocking=True), self.accum_steps, i == len(micro_batches) - 1
+            ).float()
+        loss = backend.all_reduce_mean(loss_sum / len(micro_batches))
+        # One host sync per optimiser step: a non-finite loss must stop the run before the
+        # update, so no checkpoint ever holds weights that came from it.
+        if not math.isfinite(loss.item()):
+            latest = latest_checkpoint(self.run_dir)
+            raise TrainingDiverged(
+                f"train loss is {loss.item()} at step {self.step + 1}; stopping. Last good checkpoint: "
+                f"{latest if latest else 'none written yet'}"
+            )
+        stats = backend.optimizer_step(cfg.optim.grad_clip if cfg.optim.name == "adamw" else 0.0)
+        return loss, stats
+
+    def train_record(self, loss: torch.Tensor, stats: dict, interval_time: float, interval_steps: int) -> dict:
+        step_time = interval_time / max(1, interval_steps)
+        tokens_per_s = self.tokens_per_step / step_time if step_time > 0 else float("nan")
+        record = {
+            "step": self.step,
+            "tokens": self.step * self.tokens_per_step,
+            "kind": "train",
+            "train_loss": loss.item(),
+            "tokens_per_s": tokens_per_s,
+            "step_time_s": step_time,
+        }
+        opt = self.backend.optimizer
+        if self.cfg.optim.name == "adamw":
+            record["lr"] = opt.param_groups[0]["lr"]
+        if hasattr(opt, "log_metrics"):
+            record.update(opt.log_metrics())
+        if "grad_norm" in stats:
+            record["grad_norm"] = float(stats["grad_norm"])
+        if self.peak_flops:
+            record["mfu"] = self.backend.raw_model.flops_per_token() * tokens_per_s / (self.peak_flops * self.env.world_size)
+        record.update(memory_stats(self.env.device))
+        return record
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        if (self.run_dir / "DONE").is_file():
+            if self.env.is_main:
+                print(f"{self.run_dir} is finished (DONE); nothing to do. Use another train.run_name to train again.")
+            return {"finished_before": True, "run_dir": str(self.run_dir)}
+        self.setup()
+        last_val = None
+        try:
+            if self.step == 0:
+                last_val = self.log_eval()
+            skipped, t_interval, steps_in_interval = 0, time.perf_counter(), 0
+            while self.step < self.total_steps:
+                loss, stats = self.train_step()
+                self.step += 1
+                steps_in_interval += 1
+                skipped += int(bool(stats.get("skipped_step", False)))
+                at_end = self.step == self.total_steps
+                if self.step % cfg.log.interval == 0 or at_end:
+                    record = self.train_record(loss, stats, time.perf_counter() - t_interval, steps_in_interval)
+                    if skipped:
+                        record["skipped_steps"] = skipped
+                    self.metrics.log(record)
+                    t_interval, steps_in_interval = time.perf_counter(), 0
+                if self.step % cfg.train.eval_interval == 0 or at_end:
+                    last_val = self.log_eval()
+                if self.step % cfg.train.ckpt_interval == 0 or at_end:
+                    self.save_checkpoint()
+            if self.env.is_main:
+                (self.run_dir / "DONE").write_text(f"step {self.step}\n")
+        finally:
+            if hasattr(self, "metrics"):
+                self.metrics.close()
+        return {"run_dir": str(self.run_dir), "step": self.step, "val_loss": last_val}
+
+
+def train(cfg: Config, command_line: list[str] | None = None) -> dict:
+    env = init_distributed(cfg)
+    try:
+        return Trainer(cfg, env, command_line).run()
+    finally:
+        if env.owns_process_group:
+            shutdown_distributed()
+
+
+def parse_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="agdlm train",
+        description="Train a GPT. CONFIG files (YAML, merged in order; default: demo.yaml) then "
+        "section.key=value overrides.",
+        epilog="config sections and their keys (defaults):\n" + section_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("items", nargs="*", metavar="CONFIG | section.key=value")
+    items = parser.parse_args(argv).items
+    return [a for a in items if "=" not in a], [a for a in items if "=" in a]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    files, overrides = parse_args(argv)
+    try:
+        cfg = load_config(files or None, overrides)
+        result = train(cfg, command_line=["agdlm", "train", *argv])
+    except ConfigError as e:
+        print(f"agdlm: config error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"agdlm: {e}", file=sys.stderr)
+        return 3
+    return 0 if result else 1
