@@ -18,9 +18,9 @@ from agdlm.parallel.env import DistEnv
 
 def resolve_precision(choice: str, device: torch.device) -> str:
     if device.type != "cuda":
-        if choice in ("bf16", "fp16"):
-            raise ValueError(f"train.precision={choice} needs a CUDA device; use fp32 or auto on CPU")
-        return "fp32"
+        if choice == "fp16":
+            raise ValueError("train.precision=fp16 needs a CUDA device; use fp32, bf16 or auto on CPU")
+        return "fp32" if choice == "auto" else choice
     if choice == "auto":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return choice
@@ -32,7 +32,7 @@ class Backend:
     def __init__(self, cfg, env: DistEnv):
         self.cfg, self.env = cfg, env
         self.precision = resolve_precision(cfg.train.precision, env.device)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.precision == "fp16")
         self.model: nn.Module | None = None  # what the trainer calls forward on
         self.raw_model: nn.Module | None = None  # the plain GPT underneath any wrapper
         self.optimizer: torch.optim.Optimizer | None = None
