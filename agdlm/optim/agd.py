@@ -402,9 +402,17 @@ class AGD(torch.optim.Optimizer):
 
     # ---- diagnostics --------------------------------------------------------------------
     def layer_table(self) -> list[dict]:
+        """One row per part, in model order (a layer's rows together): tensor, part, role,
+        shape, norm, s, in_L (on the layer's first row), layer."""
         rows = []
         first = set()
+        layer_pos: dict[int, int] = {}
         for c in self.plan.components:
+            for p in c.parts:
+                layer_pos[c.layer] = min(layer_pos.get(c.layer, p.param_index), p.param_index)
+        order = sorted(range(len(self.plan.components)),
+                       key=lambda ci: (layer_pos[self.plan.components[ci].layer], self.plan.components[ci].layer, ci))
+        for c in (self.plan.components[ci] for ci in order):
             for p in c.parts:
                 counts = 0.0
                 if c.layer not in first:
