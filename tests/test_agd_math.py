@@ -273,7 +273,6 @@ class TwoRankBinding:
     some tensors are held entirely by one rank (the other holds an empty piece). The two
     ranks run in threads and `reduce` sums their vectors."""
 
-    shared: dict = {}
 
     def __init__(self, opt, rank, cuts, barrier, box):
         self.opt, self.rank, self.cuts, self.barrier, self.box = opt, rank, cuts, barrier, box
