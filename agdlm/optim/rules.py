@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import warnings
 
-import torch.nn as nnimport torch.nn as nn
+import torch.nn as nn
 
 from agdlm.optim.agd import Component, Layer, LayerPlan, Part
 
