@@ -75,11 +75,99 @@ class Metrics:
             sink.close()
 
 
+class WandbSink:
+    """Weights & Biases: one W&B run per run directory, files under <run_dir>/wandb/.
+
+    The W&B config is the full resolved config plus the run's provenance.json; the job type
+    is the optimiser and the group is log.group (the sweep or comparison). Every record is
+    logged under the same names as in metrics.jsonl, against tokens seen as the x-axis.
+    The run id lives in <run_dir>/wandb_id: a run resumed from a checkpoint continues the
+    same W&B run (resume="allow"); a run that starts from step 0 gets a fresh id.
+    `mode` "online" without credentials falls back to "offline" with a warning."""
+
+    def __init__(self, cfg, run_dir: Path, resumed: bool = False, mode: str | None = None):
+        import wandb
+
+        self.run_dir = Path(run_dir)
+        mode = resolve_wandb_mode(mode or cfg.log.wandb)
+        id_file = self.run_dir / "wandb_id"
+        if resumed and id_file.is_file() and id_file.read_text().strip():
+            run_id = id_file.read_text().strip()
+        else:
+            run_id = new_wandb_id()
+            id_file.write_text(run_id + "\n")
+        config = cfg.to_dict()
+        prov_file = self.run_dir / "provenance.json"
+        if prov_file.is_file():
+            config["provenance"] = json.loads(prov_file.read_text())
+        self.run = wandb.init(
+            mode=mode,
+            dir=str(self.run_dir),
+            id=run_id,
+            resume="allow",
+            name=cfg.train.run_name,
+            project=cfg.log.project,
+            entity=cfg.log.entity,
+            group=cfg.log.group,
+            job_type=cfg.optim.name,
+            tags=list(cfg.log.tags) or None,
+            config=config,
+            settings=wandb.Settings(console="off"),
+        )
+        self.run.define_metric("tokens")
+        self.run.define_metric("*", step_metric="tokens")
+        self.run.define_metric("val_loss", step_metric="tokens", summary="min,last")
+
+    def log(self, record: dict) -> None:
+        data = {
+            k: v for k, v in record.items()
+            if k != "kind" and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }  # fmt: skip
+        self.run.log(data)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def new_wandb_id() -> str:
+    import secrets
+    import string
+
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
+def wandb_credentials_present() -> bool:
+    """An API key in the environment, an identity token file, or a netrc entry for the host."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    import netrc
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    try:
+        return netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    if mode == "online" and not wandb_credentials_present():
+        print("agdlm: log.wandb=online but no W&B credentials (WANDB_API_KEY or ~/.netrc); logging offline. "
+              "Upload later with `wandb sync <run_dir>/wandb/offline-run-*`.", file=sys.stderr, flush=True)
+        return "offline"
+    return mode
+
+
 def build_metrics(cfg, run_dir: Path, env, resumed: bool = False) -> Metrics:
-    """Rank 0 logs to the console and <run_dir>/metrics.jsonl; other ranks log nothing."""
+    """Rank 0 logs to the console, <run_dir>/metrics.jsonl and (log.wandb != off) W&B;
+    other ranks log nothing."""
     if not env.is_main:
         return Metrics()
-    return Metrics([ConsoleSink(), JsonlSink(Path(run_dir) / "metrics.jsonl")])
+    sinks: list[Sink] = [ConsoleSink(), JsonlSink(Path(run_dir) / "metrics.jsonl")]
+    if cfg.log.wandb != "off":
+        sinks.append(WandbSink(cfg, run_dir, resumed=resumed))
+    return Metrics(sinks)
 
 
 def roll_back_metrics(path: Path, step: int) -> int:
