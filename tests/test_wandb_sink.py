@@ -50,6 +50,8 @@ def _read_records(path: Path) -> list:
         _crc, length, kind = CHUNK_HEADER.unpack_from(data, pos)
         pos += CHUNK_HEADER.size
         chunk, pos = data[pos:pos + length], pos + length
+        if pos > len(data):  # still being written
+            break
         if kind == 0 and length == 0:  # zero padding at the end of a block
             pos += BLOCK - pos % BLOCK if pos % BLOCK else 0
             continue
