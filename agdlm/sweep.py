@@ -156,6 +156,8 @@ def short_number_sci(value: float) -> str:
 def name_label(value: Any) -> str:
     if isinstance(value, float):
         return short_number(value)
+    if isinstance(value, (list, tuple)):
+        return "_".join(name_label(v) for v in value)
     return str(value)
 
 
