@@ -179,6 +179,9 @@ class JsonlShard(Shard):
 
     def read(self, stream, start):
         with _open_local(self.path) as raw:
+            if start.record == 0 and os.fstat(raw.fileno()).st_size == 0:
+                log.warning("empty file skipped: %s", self.name)
+                return
             chunks = zstd_chunks(raw) if self.name.endswith(".zst") else plain_chunks(raw)
             yield from _jsonl_records(stream, byte_lines(chunks), self.name, start, start.shard)
 
@@ -381,7 +384,8 @@ def local_shard(path: Path) -> Shard | None:
 
 def _looks_like_hub_id(source: str) -> bool:
     parts = source.split("/")
-    return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
+    local_suffix = source.lower().endswith((".jsonl", ".zst", ".json", ".parquet", ".txt", ".tar"))
+    return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~")) and not local_suffix
 
 
 def local_shards(source: str | Path) -> list[Shard]:
