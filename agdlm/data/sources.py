@@ -276,8 +276,12 @@ class TarShard(Shard):
                 base = 0
             else:
                 base = start.member_offset  # stream mode: skip by reading
-                if start.member_offset:
-                    fileobj.read(start.member_offset)
+                left = start.member_offset
+                while left > 0:
+                    skipped = len(fileobj.read(min(left, READ_CHUNK)))
+                    if not skipped:
+                        break
+                    left -= skipped
             member_index = start.member_index
             try:
                 tar = tarfile.open(fileobj=fileobj, mode="r:" if seekable else "r|")
@@ -411,7 +415,7 @@ def hub_shards(repo_id: str, split: str = "train") -> list[Shard]:
         from huggingface_hub import HfFileSystem
 
         fs = HfFileSystem()
-        tars = sorted(fs.glob(f"datasets/{repo_id}/**.tar"))
+        tars = sorted(p for p in fs.find(f"datasets/{repo_id}") if p.endswith(".tar"))
     except Exception as e:  # offline, private, or not a dataset repo: let `datasets` say why
         log.info("listing hub dataset %s failed (%s); using datasets streaming", repo_id, e)
         tars = []
