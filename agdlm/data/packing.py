@@ -78,11 +78,12 @@ class TokenShards:
         return sum(len(a) for a in self.arrays)
 
     def rows(self, block_ids: np.ndarray) -> np.ndarray:
-        """(len(block_ids), span) int64 rows."""
+        """(len(block_ids), span) rows, in the store's dtype (uint16)."""
         block_ids = np.asarray(block_ids, dtype=np.int64)
         shard = np.searchsorted(self.starts, block_ids, side="right") - 1
         local = (block_ids - self.starts[shard]) * self.span
-        out = np.empty((len(block_ids), self.span), dtype=np.int64)
+        dtype = self.arrays[0].dtype if self.arrays else np.uint16
+        out = np.empty((len(block_ids), self.span), dtype=dtype)
         span = self.span
         for j, (s, start) in enumerate(zip(shard.tolist(), local.tolist())):
             out[j] = self.arrays[s][start : start + span]
@@ -133,8 +134,12 @@ def blocks_to_xy(tokens, block_ids: np.ndarray, block_size: int) -> tuple[torch.
 
 
 def rows_to_xy(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    data = torch.from_numpy(rows)
-    return data[:, :-1].contiguous(), data[:, 1:].contiguous()
+    """(n, block_size+1) token rows -> contiguous int64 x = rows[:, :-1], y = rows[:, 1:].
+    One numpy cast-and-copy each (single-threaded: torch's multi-threaded copy stalls when
+    the other cores are busy, e.g. with the training process's own threads)."""
+    x = rows[:, :-1].astype(np.int64, order="C")
+    y = rows[:, 1:].astype(np.int64, order="C")
+    return torch.from_numpy(x), torch.from_numpy(y)
 
 
 def _micro_batches(x, y, micro_batch_size):
@@ -306,7 +311,7 @@ class StreamingBlocks:
         self._chunk = (blocks, order, next_start)
 
     def next_rows(self, n: int) -> np.ndarray:
-        """The next n blocks of this rank, (n, block_size+1) int64."""
+        """The next n blocks of this rank, (n, block_size+1) uint16."""
         out = []
         while n > 0:
             if self._chunk is None:
@@ -319,7 +324,7 @@ class StreamingBlocks:
             out.append(blocks[order[self._emitted : self._emitted + take]])
             self._emitted += take
             n -= take
-        return np.concatenate(out).astype(np.int64)
+        return np.concatenate(out)
 
     def next_batch(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         x, y = rows_to_xy(self.next_rows(self.rows_per_rank))
