@@ -50,7 +50,9 @@ class DataConfig:
     num_workers: int = 0
     seed: int = 1337
     text_column: str = "text"
-    shuffle_buffer: int = 1024
+    shuffle_buffer: int = 1024  # streaming: blocks per shuffled chunk (0 or 1: no shuffle)
+    mode: str = "auto"  # auto | memory | stream (local sources and hub ids; prepared folders ignore it)
+    split: str = "train"  # the split a hub dataset streams through `datasets`
 
 
 @dataclass
@@ -331,6 +333,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.val_fraction={dt.val_fraction} must be in (0, 1)")
     if dt.num_workers < 0:
         raise ConfigError(f"data.num_workers={dt.num_workers} must be >= 0")
+    if dt.mode not in ("auto", "memory", "stream"):
+        raise ConfigError(f"data.mode={dt.mode!r} is not allowed (choose one of: auto, memory, stream)")
+    if dt.shuffle_buffer < 0:
+        raise ConfigError(f"data.shuffle_buffer={dt.shuffle_buffer} must be >= 0")
     if o.gain <= 0:
         raise ConfigError(f"optim.gain={o.gain} must be positive")
     if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:

@@ -134,7 +134,9 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+            # fp16/bf16 logits are upcast for the loss; fp32 and fp64 keep their precision
+            flat = logits.view(-1, logits.size(-1))
+            loss = F.cross_entropy(flat.float() if flat.element_size() < 4 else flat, targets.view(-1), ignore_index=-1)
         else:
             logits = self.lm_head(x[:, [-1], :])  # inference: only the last position
             loss = None

@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from agdlm.checkpoint import begin_checkpoint, checkpoints_dir, commit_checkpoint, latest_checkpoint, read_json, write_json
 from agdlm.config import Config, ConfigError, config_to_yaml, load_config, section_help
-from agdlm.data import build_data
+from agdlm.data import build_data, merge_states
 from agdlm.metrics import build_metrics, memory_stats, peak_flops, roll_back_metrics
 from agdlm.model import GPT
 from agdlm.parallel import build_backend, init_distributed, shutdown_distributed
@@ -131,8 +132,12 @@ class Trainer:
         if env.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(env.device)
         torch.save(rng, folder / f"rng_rank{env.rank}.pt")
-        write_json(folder / f"data_rank{env.rank}.json", self.data.train.state_dict())
+        data_states = [self.data.train.state_dict()]
+        if env.distributed and env.world_size > 1:  # streaming positions differ per rank
+            data_states = [None] * env.world_size
+            dist.all_gather_object(data_states, self.data.train.state_dict())
         if env.is_main:
+            write_json(folder / "data.json", merge_states(data_states))
             write_json(
                 folder / "trainer.json",
                 {"step": self.step, "tokens": self.step * self.tokens_per_step, "world_size": env.world_size},
@@ -147,8 +152,7 @@ class Trainer:
         state = read_json(folder / "trainer.json")
         self.step = int(state["step"])
         self.backend.load(folder)
-        data_file = folder / f"data_rank{env.rank}.json"
-        self.data.train.load_state_dict(read_json(data_file if data_file.is_file() else folder / "data_rank0.json"))
+        self.data.train.load_state_dict(read_json(folder / "data.json"))
         rng_file = folder / f"rng_rank{env.rank}.pt"
         if state["world_size"] == env.world_size and rng_file.is_file():
             rng = torch.load(rng_file, weights_only=True)

@@ -30,7 +30,7 @@ def cpu_env():
 
 
 def test_run_directory_layout(tiny_overrides):
-    cfg = load_config(None, tiny_overrides + ["optim.name=adamw", "train.max_steps=4", "train.ckpt_interval=2", "train.eval_interval=2",
+    cfg = load_config(None, tiny_overrides + ["train.max_steps=4", "train.ckpt_interval=2", "train.eval_interval=2",
                                               "train.keep_checkpoints=1", "train.run_name=layout"])
     result = train(cfg, command_line=["agdlm", "train", "x"])
     run = Path(result["run_dir"])
@@ -44,8 +44,20 @@ def test_run_directory_layout(tiny_overrides):
     assert train(cfg)["finished_before"] is True  # DONE runs are not trained again
 
 
-@pytest.mark.parametrize("optim", OPTIMIZERS, ids=["adamw", "agd"])
-def test_interrupted_and_resumed_run_matches_uninterrupted(tiny_overrides, optim, monkeypatch):
+def streaming_demo_source():
+    from agdlm.data.demo import write_demo_shard
+
+    return [f"data.source={write_demo_shard()}", "data.mode=stream", "data.shuffle_buffer=16"]
+
+
+@pytest.mark.parametrize(
+    "optim, data",
+    [(OPTIMIZERS[0], "memory"), (OPTIMIZERS[1], "memory"), (OPTIMIZERS[1], "stream")],
+    ids=["adamw", "agd", "agd-streaming"],
+)
+def test_interrupted_and_resumed_run_matches_uninterrupted(tiny_overrides, optim, data, monkeypatch):
+    if data == "stream":
+        optim = optim + streaming_demo_source()
     common = tiny_overrides + optim + ["train.max_steps=6", "train.ckpt_interval=3", "train.eval_interval=3", "model.dropout=0.1"]
     straight = train(load_config(None, common + ["train.run_name=straight"]))
 

@@ -1,53 +1,223 @@
-"""Build the trainer's data: a source name -> train batches (resumable) and fixed val batches."""
+"""Build the trainer's data: a source name -> train batches (resumable) and fixed val batches.
+
+`data.source` selects the path:
+  - "demo": the pydoc topics shard (written once to the cache dir), read in memory;
+  - a prepared token folder (has train_*.bin, from `agdlm prepare`): memmapped uint16
+    shards, world-size-invariant global batches;
+  - a local file or folder (.jsonl, .jsonl.zst, .parquet, .txt, .tar), or a hub dataset id
+    (`segyges/OpenWebText2`, `openwebtext2`, `hub:<id or local hub-layout folder>`).
+    `data.mode` decides: "memory" reads and tokenises everything at startup (world-size
+    invariant, like the prepared path), "stream" streams each rank's part; "auto" keeps
+    local sources up to `MEMORY_LIMIT_BYTES` in memory and streams the rest and the hub.
+
+Every path yields `Data(train, val)`; train has next_batch/state_dict/load_state_dict,
+val.batch(k) is fixed. In memory and prepared: split by document hash (or by file);
+streaming: held-out documents by hash, val tokens collected at startup from the stream's
+head (cached by rank 0 in the cache dir, so the other ranks wait on `barrier` and read it).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from agdlm.data.demo import write_demo_shard
-from agdlm.data.packing import TokenBatches, is_validation_document, tokenize_documents
-from agdlm.data.sources import read_jsonl
+from agdlm.data.demo import cache_dir, write_demo_shard
+from agdlm.data.packing import (
+    StreamingBlocks,
+    TokenBatches,
+    TokenShards,
+    is_validation_document,
+    tokenize_documents,
+)
+from agdlm.data.sources import (
+    HUB_PREFIX,
+    SOURCE_ALIASES,
+    BadRecords,
+    DataSourceError,
+    DocumentStream,
+    resolve_shards,
+)
 from agdlm.data.tokenizer import gpt2_encoding
+
+log = logging.getLogger("agdlm.data")
+
+MEMORY_LIMIT_BYTES = 64 << 20
 
 
 @dataclass
 class Data:
-    train: TokenBatches
+    train: TokenBatches | StreamingBlocks
     val: TokenBatches  # eval reads its first `eval_batches` global batches, in order
+    kind: str = "memory"  # memory | prepared | stream
 
 
-def _split_tokens(docs, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    enc = gpt2_encoding()
-    train_docs, val_docs = [], []
-    for text in docs:
-        (val_docs if is_validation_document(text, val_fraction) else train_docs).append(text)
-    if not train_docs or not val_docs:
-        raise ValueError(f"data.val_fraction={val_fraction} leaves an empty train or val split")
-    return tokenize_documents(train_docs, enc), tokenize_documents(val_docs, enc)
+def is_prepared_folder(source: str) -> bool:
+    return os.path.isdir(source) and any(Path(source).glob("train_*.bin"))
 
 
-def build_data(cfg, rank: int = 0, world_size: int = 1, barrier=None) -> Data:
-    """cfg is the full Config. `barrier` (if given) is called after rank 0 prepares files."""
-    source = cfg.data.source
+def choose_mode(source: str, mode: str) -> str:
     if source == "demo":
-        if rank == 0:
-            write_demo_shard()
-        if barrier is not None:
-            barrier()
-        path = write_demo_shard()
-    else:
-        path = source
-    train_tokens, val_tokens = _split_tokens(read_jsonl(path, cfg.data.text_column), cfg.data.val_fraction)
-    common = dict(
+        return "memory"
+    if is_prepared_folder(source):
+        return "prepared"
+    if mode in ("memory", "stream"):
+        return mode
+    source = SOURCE_ALIASES.get(source, source)
+    if source.startswith(HUB_PREFIX) or not os.path.exists(source):
+        return "stream"
+    path = Path(source)
+    size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return "memory" if size <= MEMORY_LIMIT_BYTES else "stream"
+
+
+def _common(cfg, rank, world_size) -> dict:
+    return dict(
         block_size=cfg.model.block_size,
         global_batch_size=cfg.train.global_batch_size,
         micro_batch_size=cfg.train.micro_batch_size,
         rank=rank,
         world_size=world_size,
     )
-    return Data(
-        train=TokenBatches(train_tokens, seed=cfg.data.seed, shuffle=True, **common),
-        val=TokenBatches(val_tokens, seed=cfg.data.seed, shuffle=False, **common),
+
+
+def _split_tokens(docs, val_fraction: float, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    enc = gpt2_encoding()
+    train_docs, val_docs = [], []
+    for text in docs:
+        (val_docs if is_validation_document(text, val_fraction) else train_docs).append(text)
+    if not train_docs or not val_docs:
+        raise ValueError(
+            f"data.val_fraction={val_fraction} leaves an empty train or val split "
+            f"({len(train_docs)} train, {len(val_docs)} val documents)"
+        )
+    return tokenize_documents(train_docs, enc, threads), tokenize_documents(val_docs, enc, threads)
+
+
+def _stream(cfg, source: str, stride: int = 1, offset: int = 0) -> DocumentStream:
+    shards = resolve_shards(source, getattr(cfg.data, "split", "train"))
+    return DocumentStream(shards, cfg.data.text_column, stride, offset, BadRecords(), name=source)
+
+
+def build_data(cfg, rank: int = 0, world_size: int = 1, barrier=None) -> Data:
+    """cfg is the full Config. `barrier` (if given) is called after rank 0 prepares files."""
+    d = cfg.data
+    source = d.source
+    mode = choose_mode(source, getattr(d, "mode", "auto"))
+    common = _common(cfg, rank, world_size)
+    threads = max(1, d.num_workers)
+
+    if mode == "prepared":
+        return _prepared_data(cfg, source, common)
+
+    if source == "demo":
+        if rank == 0:
+            write_demo_shard()
+        if barrier is not None:
+            barrier()
+        source = str(write_demo_shard())
+
+    if mode == "memory":
+        stream = _stream(cfg, source)
+        train_tokens, val_tokens = _split_tokens(stream.texts(), d.val_fraction, threads)
+        _report_bad(stream)
+        return Data(
+            train=TokenBatches(train_tokens, seed=d.seed, shuffle=True, **common),
+            val=TokenBatches(val_tokens, seed=d.seed, shuffle=False, **common),
+            kind="memory",
+        )
+
+    # streaming
+    val_tokens = _streaming_val_tokens(cfg, source, rank, barrier)
+    train = StreamingBlocks(
+        _stream(cfg, source, world_size, rank),
+        gpt2_encoding(),
+        seed=d.seed,
+        shuffle_buffer=d.shuffle_buffer,
+        val_fraction=d.val_fraction,
+        threads=threads,
+        **common,
     )
+    return Data(train=train, val=TokenBatches(val_tokens, seed=d.seed, shuffle=False, **common), kind="stream")
+
+
+def _report_bad(stream: DocumentStream) -> None:
+    if stream.bad.count:
+        log.warning("data source %s: %d bad records skipped", stream.name, stream.bad.count)
+
+
+def _prepared_data(cfg, folder: str, common: dict) -> Data:
+    span = cfg.model.block_size + 1
+    train_files = sorted(Path(folder).glob("train_*.bin"))
+    val_files = sorted(Path(folder).glob("val_*.bin"))
+    if not val_files:
+        raise DataSourceError(f"prepared data folder {folder} has no val_*.bin files")
+    train, val = TokenShards.from_files(train_files, span), TokenShards.from_files(val_files, span)
+    for name, store in (("train", train), ("val", val)):
+        if store.num_blocks < 1:
+            raise DataSourceError(f"prepared data folder {folder}: the {name} shards hold fewer than block_size+1 = {span} tokens")
+    return Data(
+        train=TokenBatches(train, seed=cfg.data.seed, shuffle=True, **common),
+        val=TokenBatches(val, seed=cfg.data.seed, shuffle=False, **common),
+        kind="prepared",
+    )
+
+
+def collect_val_tokens(stream: DocumentStream, val_fraction: float, need_tokens: int, threads: int = 1) -> np.ndarray:
+    """The held-out documents from the head of the stream until `need_tokens` tokens."""
+    enc = gpt2_encoding()
+    parts, have, batch = [], 0, []
+    for text in stream.texts():
+        if not is_validation_document(text, val_fraction):
+            continue
+        batch.append(text)
+        if len(batch) == 64:
+            parts.append(tokenize_documents(batch, enc, threads))
+            have, batch = have + len(parts[-1]), []
+            if have >= need_tokens:
+                break
+    if batch:
+        parts.append(tokenize_documents(batch, enc, threads))
+    tokens = np.concatenate(parts) if parts else np.empty(0, np.uint16)
+    return tokens[: max(need_tokens, 0)] if len(tokens) > need_tokens else tokens
+
+
+def _streaming_val_tokens(cfg, source: str, rank: int, barrier) -> np.ndarray:
+    span = cfg.model.block_size + 1
+    need = cfg.train.eval_batches * cfg.train.global_batch_size * span
+    stamp = None
+    if os.path.exists(source):
+        files = [Path(source)] if os.path.isfile(source) else sorted(p for p in Path(source).rglob("*") if p.is_file())
+        stamp = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    key = json.dumps([source, stamp, cfg.data.text_column, cfg.data.val_fraction, need, getattr(cfg.data, "split", "train")])
+    path = cache_dir() / "val" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".bin")
+
+    def collect() -> None:
+        log.info("collecting %d validation tokens from %s", need, source)
+        tokens = collect_val_tokens(_stream(cfg, source), cfg.data.val_fraction, need, max(1, cfg.data.num_workers))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        tokens.astype("<u2").tofile(tmp)
+        os.replace(tmp, path)
+
+    if rank == 0 and not path.is_file():
+        collect()
+    if barrier is not None:
+        barrier()
+    if not path.is_file():  # a rank started without rank 0 having written it (no barrier)
+        collect()
+    tokens = np.fromfile(path, dtype="<u2")
+    if len(tokens) < span:
+        raise ValueError(
+            f"data source {source}: the held-out split (data.val_fraction={cfg.data.val_fraction}) holds "
+            f"{len(tokens)} tokens, fewer than one block of {span}"
+        )
+    if len(tokens) < need:
+        log.warning("validation set of %s holds %d tokens, fewer than the %d that eval asks for: batches repeat",
+                    source, len(tokens), need)
+    return tokens

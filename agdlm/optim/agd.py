@@ -1,7 +1,7 @@
 """Automatic Gradient Descent (Bernstein et al. 2023, arXiv 2304.05187) for agdlm.
 
 The math lives here once; which tensor gets which norm, target size s and depth weight is
-decided by a policy in `agdlm.optim.rules` (see /work/shared/AGD_SPEC.md sections 2-3).
+decided by a policy in `agdlm.optim.rules` (the project spec AGD_SPEC.md, sections 2-3).
 
     G   = (1/L) * sum_c  s_c * ||g_c||_dual          (c runs over the norm components)
     eta = log((1 + sqrt(1 + 4G)) / 2)                 # e^eta (e^eta - 1) = G
