@@ -34,7 +34,7 @@ class OptimConfig:
     policy: str = "default"  # AGD: default | paper | agd_exp | modular
     gain: float = 1.0  # AGD: not a learning rate; kept for experiments
     lr: float = 6e-4  # AdamW from here on
-    min_lr: float = 6e-5
+    min_lr: float | None = None  # None: lr / 10, as nanoGPT decays GPT-2's AdamW
     warmup_steps: int = 100
     lr_decay_steps: int | None = None  # None: decay over train.max_steps
     weight_decay: float = 0.1
@@ -339,8 +339,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.shuffle_buffer={dt.shuffle_buffer} must be >= 0")
     if o.gain <= 0:
         raise ConfigError(f"optim.gain={o.gain} must be positive")
-    if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
-        raise ConfigError(f"optim.lr={o.lr} and optim.min_lr={o.min_lr} must satisfy 0 <= min_lr <= lr, lr > 0")
+    if o.lr <= 0:
+        raise ConfigError(f"optim.lr={o.lr} must be positive")
+    if o.min_lr is not None and not 0 <= o.min_lr <= o.lr:
+        raise ConfigError(f"optim.min_lr={o.min_lr} must be in [0, optim.lr={o.lr}]")
     if o.warmup_steps < 0:
         raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be >= 0")
     if not all(0.0 <= b < 1.0 for b in o.betas):

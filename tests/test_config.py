@@ -54,3 +54,13 @@ def test_help_lists_sections():
     assert out.returncode == 0
     for section in ("model:", "optim:", "data:", "train:", "parallel:", "log:"):
         assert section in out.stdout
+
+
+def test_adamw_schedule_warms_up_then_decays_to_a_tenth():
+    from agdlm.optim.adamw import lr_at
+
+    o = load_config("optim/adamw.yaml", ["optim.warmup_steps=10", "optim.lr=1e-3"]).optim
+    assert lr_at(0, o, 110) == pytest.approx(1e-3 / 11)
+    assert lr_at(10, o, 110) == pytest.approx(1e-3)
+    assert lr_at(60, o, 110) == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4))
+    assert lr_at(110, o, 110) == pytest.approx(1e-4) and lr_at(500, o, 110) == pytest.approx(1e-4)

@@ -64,7 +64,7 @@ def test_width_ladder_expands_agd_once_and_adamw_per_lr(tmp_path):
     assert seen["agd"] == {(w, None) for w in widths}
     assert seen["adamw"] == {(w, lr) for w in widths for lr in (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)}
     adamw = by_name["w512-adamw-lr3e-3-s0"].config()
-    assert (adamw.optim.name, adamw.optim.lr, adamw.optim.min_lr, adamw.model.n_embd) == ("adamw", 3e-3, 0.0, 512)
+    assert (adamw.optim.name, adamw.optim.lr, adamw.optim.min_lr, adamw.model.n_embd) == ("adamw", 3e-3, None, 512)  # min_lr None: lr/10
     agd = by_name["w768-agd-s0"].config()
     assert (agd.optim.name, agd.model.n_embd, agd.model.n_head) == ("agd", 768, 12)
 

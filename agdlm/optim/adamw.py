@@ -29,7 +29,8 @@ def build_adamw(model: nn.Module, optim_cfg, device_type: str) -> torch.optim.Ad
 
 def lr_at(step: int, optim_cfg, total_steps: int) -> float:
     """Learning rate for optimiser step `step` (0-based)."""
-    lr, min_lr, warmup = optim_cfg.lr, optim_cfg.min_lr, optim_cfg.warmup_steps
+    lr, warmup = optim_cfg.lr, optim_cfg.warmup_steps
+    min_lr = lr / 10 if optim_cfg.min_lr is None else optim_cfg.min_lr
     decay_steps = optim_cfg.lr_decay_steps or total_steps
     if step < warmup:
         return lr * (step + 1) / (warmup + 1)
