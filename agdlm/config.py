@@ -165,16 +165,22 @@ def resolve_config_path(name: str | Path, relative_to: Path | None = None) -> Pa
 
 # ---- loading, merging, overriding -----------------------------------------------------
 
+def read_yaml_mapping(path: Path, expected: str = "a mapping of sections") -> dict[str, Any]:
+    """A YAML file that must hold a mapping; a clear ConfigError naming the file otherwise."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected {expected}, got {type(raw).__name__}")
+    return raw
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"{path}: include cycle")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    raw = read_yaml_mapping(path)
     merged: dict[str, Any] = {}
     includes = raw.pop("include", []) or []
     for inc in [includes] if isinstance(includes, str) else includes:

@@ -44,7 +44,7 @@ from typing import Any
 
 import yaml
 
-from agdlm.config import SECTIONS, Config, ConfigError, load_config, parse_override, resolve_config_path
+from agdlm.config import SECTIONS, Config, ConfigError, load_config, parse_override, read_yaml_mapping, resolve_config_path
 
 RUN_NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
 PLACEHOLDER = re.compile(r"\{([^{}]+)\}")
@@ -207,12 +207,7 @@ def expand_axis(axis: str, spec: Any) -> list[tuple[str, dict[str, Any]]]:
 
 def load_sweep(path: str | Path, extra_overrides: list[str] | None = None, out_dir: str | Path | None = None) -> Sweep:
     path = find_sweep_file(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping with name, configs, set, axes")
+    raw = read_yaml_mapping(path, expected="a mapping with name, configs, set, axes")
     unknown = set(raw) - {"name", "configs", "set", "axes", "description"}
     if unknown:
         raise ConfigError(f"{path}: unknown field(s) {sorted(unknown)} (allowed: name, description, configs, set, axes)")
