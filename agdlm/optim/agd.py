@@ -1,0 +1,538 @@
+"""Automatic Gradient Descent (Bernstein et al. 2023, arXiv 2304.05187) for agdlm.
+
+The math lives here once; which tensor gets which norm, target size s and depth weight is
+decided by a policy in `agdlm.optim.rules` (see /work/shared/AGD_SPEC.md sections 2-3).
+
+    G   = (1/L) * sum_c  s_c * ||g_c||_dual          (c runs over the norm components)
+    eta = log((1 + sqrt(1 + 4G)) / 2)                 # e^eta (e^eta - 1) = G
+    W_c <- W_c - gain * (eta/L) * s_c * D_c
+
+A *layer* counts `in_L` towards L and owns one or more *components*; a component is one
+normed unit (one Frobenius matrix, possibly joined with its bias as an extra column; a
+LayerNorm gain under the sign norm; a LayerNorm bias under the RMS norm; an embedding under
+the rows norm). A component is made of *parts*, each a contiguous flat interval
+[start, stop) of one logical parameter (a whole tensor, a bias, or a q/k/v row block).
+
+One step has three stages so a sharding backend never touches the math:
+
+  (a) local partial sums of every part's norm terms, over the pieces this process holds,
+      into ONE vector (sum of squares per part; sum |g| and the count of g != 0 for sign
+      parts; one sum of squares per row for rows parts);
+  (b) ``vec = binding.reduce(vec)`` (sum over the ranks that shard the parameters);
+  (c) G, eta and every normaliser from the reduced vector, then in-place elementwise
+      updates of the local pieces.
+
+Binding contract
+----------------
+A binding is any object with two methods:
+
+``pieces(index) -> iterable of (start, weight, grad)``
+    for the logical parameter ``opt.params[index]`` (the order the optimiser was built
+    with; shapes ALWAYS come from the logical tensors captured at construction, see
+    ``opt.shapes``): zero or more pieces this process holds. ``start`` is the flat offset
+    of the piece into the logical tensor flattened in row-major order; ``weight`` is a
+    1-D view that the optimiser updates in place; ``grad`` is the matching 1-D view of the
+    (already averaged, unscaled) gradient, or None for a zero gradient. A piece may start
+    and end anywhere (mid-row included: DeepSpeed ZeRO flat fragments); an empty piece or
+    no piece at all is fine (FSDP2 ranks holding zero rows). Pieces of one parameter held
+    by one process must not overlap, and over all ranks they cover each element exactly
+    once.
+``reduce(vec) -> vec``
+    sum ``vec`` over the group that shards the parameters (may work in place and return
+    its argument). The identity for a single process.
+
+The piece layout may change between steps (it is re-read each step and the index plan is
+rebuilt when it changes). `LocalBinding` (whole local tensors + identity reduce) is the
+default; `opt.bind(binding)` swaps it after a backend has wrapped the model. The step never
+calls ``.item()``: eta stays a 0-dim tensor, so there is no host sync on GPU.
+`log_metrics()` calls ``binding.reduce`` too (for the weight norms), so on a sharded binding
+every rank must call them (they are collectives, like the step).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+NORMS = ("frobenius", "sign", "rms", "rows", "follow", "frozen")
+
+
+# ---- the layer description a policy produces ---------------------------------------------
+
+@dataclass
+class Part:
+    """A flat interval [start, stop) of logical parameter `param_index`."""
+
+    param_index: int
+    start: int
+    stop: int
+    tensor: str  # the parameter's name
+    part: str  # "weight", "bias", "q", "k", "v", "q.bias", ...
+    shape: tuple[int, ...]  # the region's shape, for display and init
+    init: str  # "orthogonal", "zeros", "ones", "rows", "none"
+    init_scale: float = 1.0  # orthogonal: singular value; rows: row L2 norm
+
+
+@dataclass
+class Component:
+    norm: str  # one of NORMS
+    s: float  # target size in this norm (s_aug for joined [W|b])
+    role: str
+    layer: int  # index into the layer list
+    parts: list[Part] = field(default_factory=list)
+    dim: int = 1  # rms: vector length d; rows: row length d
+    leader: int | None = None  # follow: the component whose normaliser and s are used
+
+
+@dataclass
+class Layer:
+    name: str
+    role: str
+    in_L: float
+
+
+@dataclass
+class LayerPlan:
+    components: list[Component]
+    layers: list[Layer]
+
+    @property
+    def L(self) -> float:
+        return float(sum(layer.in_L for layer in self.layers))
+
+
+# ---- bindings ----------------------------------------------------------------------------
+
+class LocalBinding:
+    """Whole local tensors, identity reduce: the single-process (and DDP) binding."""
+
+    def __init__(self, params: list[torch.Tensor]):
+        self.params = params
+
+    def pieces(self, index: int):
+        p = self.params[index]
+        g = p.grad
+        return [(0, p.detach().view(-1), None if g is None else g.detach().view(-1))]
+
+    def reduce(self, vec: torch.Tensor) -> torch.Tensor:
+        return vec
+
+
+def eta_from_G(G: torch.Tensor) -> torch.Tensor:
+    """The root of e^eta (e^eta - 1) = G: eta = log((1 + sqrt(1 + 4G)) / 2)."""
+    return torch.log((1 + torch.sqrt(1 + 4 * G)) / 2)
+
+
+def _rsqrt_or_zero(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x > 0, x.clamp_min(torch.finfo(x.dtype).tiny).rsqrt(), torch.zeros_like(x))
+
+
+# ---- the optimiser -----------------------------------------------------------------------
+
+class AGD(torch.optim.Optimizer):
+    """AGD built from a model: ``AGD(model, policy="default", gain=1.0)``.
+
+    ``init_weights()`` applies the policy's init (never called implicitly); ``step()``
+    returns eta as a 0-dim tensor; ``last_stats`` holds eta, G, the per-layer contributions
+    to G and the reduced vector; ``log_metrics()`` gives floats for the trainer.
+    """
+
+    def __init__(self, model: torch.nn.Module, policy: str = "default", gain: float = 1.0):
+        from agdlm.optim.rules import build_plan  # the only place that knows model types
+
+        if gain <= 0:
+            raise ValueError(f"AGD gain={gain} must be positive")
+        params, names, plan = build_plan(model, policy)
+        self.params: list[torch.nn.Parameter] = params
+        self.param_names: list[str] = names
+        self.shapes: list[tuple[int, ...]] = [tuple(p.shape) for p in params]
+        self.plan = plan
+        self.L = plan.L
+        if self.L <= 0:
+            raise ValueError("AGD: the model has no layer that counts in L")
+        self.acc_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+        super().__init__(params, dict(policy=policy, gain=float(gain), layer_signature=self._signature()))
+        self.policy = policy
+        self.binding = LocalBinding(self.params)
+        self.last_stats: dict[str, torch.Tensor] = {}
+        self._build_slots()
+        self._plan_cache: tuple | None = None
+
+    # ---- static layout ------------------------------------------------------------------
+    def _signature(self) -> list[str]:
+        rows = []
+        for c in self.plan.components:
+            for p in c.parts:
+                rows.append(f"{p.tensor}|{p.part}|{p.start}:{p.stop}|{c.norm}|{c.s:.9g}|{c.layer}")
+        rows += [f"layer|{l.name}|{l.in_L:g}" for l in self.plan.layers]
+        return rows
+
+    def _build_slots(self) -> None:
+        """Give every part its slots in the reduced vector and precompute per-component
+        coefficients (plain Python; tensors are made lazily on the step's device)."""
+        comps = self.plan.components
+        self.segments: list[dict] = []  # one per part
+        n = 0
+        for ci, c in enumerate(comps):
+            for p in c.parts:
+                seg = dict(comp=ci, norm=c.norm, param=p.param_index, start=p.start, stop=p.stop, dim=c.dim)
+                if c.norm == "rows":
+                    seg["row_base"] = n
+                    seg["nrows"] = (p.stop - p.start) // c.dim
+                    n += seg["nrows"]
+                else:
+                    seg["sq"] = n
+                    n += 1
+                    if c.norm == "sign":
+                        seg["abs"], seg["nnz"] = n, n + 1
+                        n += 2
+                self.segments.append(seg)
+        self.n_slots = n
+        self.by_param: list[list[int]] = [[] for _ in self.params]
+        for si, seg in enumerate(self.segments):
+            self.by_param[seg["param"]].append(si)
+        # per component: coefficient on the dual norm (contribution to G) and on the step
+        self._norm_coef, self._dual_coef, self._ss_src = [], [], []
+        for ci, c in enumerate(comps):
+            if c.norm in ("frobenius", "sign"):
+                k = c.s
+            elif c.norm in ("rms", "rows"):
+                k = c.s * math.sqrt(c.dim)
+            elif c.norm == "follow":
+                k = comps[c.leader].s
+            else:  # frozen
+                k = 0.0
+            self._norm_coef.append(k)
+            self._dual_coef.append(0.0 if c.norm in ("follow", "frozen") else k)
+            self._ss_src.append(c.leader if c.norm == "follow" else ci)
+        self._tensors_device = None
+
+    def _static_tensors(self, device: torch.device) -> dict:
+        if self._tensors_device == device:
+            return self._t
+        acc, comps = self.acc_dtype, self.plan.components
+        sq_segs = [s for s in self.segments if "sq" in s]
+        sign_segs = [s for s in self.segments if s["norm"] == "sign"]
+        row_slots, row_comp = [], []
+        for s in self.segments:
+            if s["norm"] == "rows":
+                row_slots += range(s["row_base"], s["row_base"] + s["nrows"])
+                row_comp += [s["comp"]] * s["nrows"]
+        sq_all = [s["sq"] for s in sq_segs] + row_slots
+
+        def t(x, dtype=torch.long):
+            return torch.tensor(x, dtype=dtype, device=device)
+
+        self._t = dict(
+            sq_slot=t([s["sq"] for s in sq_segs]),
+            sq_comp=t([s["comp"] for s in sq_segs]),
+            sign_abs=t([s["abs"] for s in sign_segs]),
+            sign_comp=t([s["comp"] for s in sign_segs]),
+            row_slot=t(row_slots),
+            row_comp=t(row_comp),
+            grad_sq=t(sq_all),
+            sqrt_mask=t([c.norm in ("frobenius", "rms", "follow") for c in comps], acc),
+            norm_coef=t(self._norm_coef, acc),
+            dual_coef=t(self._dual_coef, acc),
+            ss_src=t(self._ss_src),
+            comp_layer=t([c.layer for c in comps]),
+        )
+        self._tensors_device = device
+        return self._t
+
+    # ---- bindings -----------------------------------------------------------------------
+    def bind(self, binding) -> None:
+        """Swap the binding (after a backend has wrapped or sharded the model)."""
+        self.binding = binding
+        self._plan_cache = None
+
+    def _gather_pieces(self):
+        """[(segment index, weight view, grad view or None, absolute flat start)] for every
+        overlap of a held piece with a part."""
+        out = []
+        for i in range(len(self.params)):
+            segs = self.by_param[i]
+            if not segs:
+                continue
+            for start, w, g in self.binding.pieces(i):
+                n = w.numel()
+                if n == 0:
+                    continue
+                for si in segs:
+                    seg = self.segments[si]
+                    lo, hi = max(seg["start"], start), min(seg["stop"], start + n)
+                    if lo >= hi:
+                        continue
+                    gs = None if g is None else g[lo - start : hi - start]
+                    out.append((si, w[lo - start : hi - start], gs, lo))
+        return out
+
+    # ---- stage (a) ----------------------------------------------------------------------
+    def _local_sums(self, pieces, device) -> torch.Tensor:
+        acc = self.acc_dtype
+        vec = torch.zeros(self.n_slots, dtype=acc, device=device)
+        sq_views, sq_slots, abs_views, abs_slots = [], [], [], []
+        for si, w, g, lo in pieces:
+            if g is None:
+                continue
+            seg = self.segments[si]
+            norm = seg["norm"]
+            if norm == "rows":
+                for r, pos, k, width in _row_chunks(g.numel(), lo - seg["start"], seg["dim"]):
+                    gr = g[pos : pos + k * width].view(k, width)
+                    base = seg["row_base"] + r
+                    vec[base : base + k] += torch.linalg.vector_norm(gr, dim=1, dtype=acc).square()
+                continue
+            sq_views.append(g)
+            sq_slots.append(seg["sq"])
+            if norm == "sign":
+                abs_views.append(g)
+                abs_slots.append(seg["abs"])
+                vec[seg["nnz"]] += (g != 0).sum().to(acc)
+        if sq_views:
+            vec.index_add_(0, self._index(tuple(sq_slots), device), _sums_of_squares(sq_views, acc))
+        if abs_views:
+            norms = torch._foreach_norm(abs_views, 1, dtype=acc)
+            vec.index_add_(0, self._index(tuple(abs_slots), device), torch.stack(norms))
+        return vec
+
+    def _index(self, slots: tuple, device) -> torch.Tensor:
+        """Slot index tensors, cached per piece layout (no host-to-device copy per step)."""
+        cache = self.__dict__.setdefault("_index_cache", {})
+        key = (slots, device)
+        if key not in cache:
+            if len(cache) > 64:
+                cache.clear()
+            cache[key] = torch.tensor(slots, dtype=torch.long, device=device)
+        return cache[key]
+
+    # ---- stage (c) ----------------------------------------------------------------------
+    def _derive(self, vec: torch.Tensor, gain: float) -> dict:
+        t = self._static_tensors(vec.device)
+        acc, nc = self.acc_dtype, len(self.plan.components)
+        comp_ss = torch.zeros(nc, dtype=acc, device=vec.device).index_add_(0, t["sq_comp"], vec[t["sq_slot"]])
+        comp_abs = torch.zeros_like(comp_ss).index_add_(0, t["sign_comp"], vec[t["sign_abs"]])
+        row_ss = vec[t["row_slot"]]
+        rows_sum = torch.zeros_like(comp_ss).index_add_(0, t["row_comp"], row_ss.sqrt())
+        dual = t["sqrt_mask"] * comp_ss.sqrt() + comp_abs + rows_sum
+        contrib = t["dual_coef"] * dual / self.L  # each component's share of G
+        G = contrib.sum()
+        eta = eta_from_G(G)
+        step = gain * eta / self.L
+        comp_scale = -step * t["norm_coef"] * _rsqrt_or_zero(comp_ss[t["ss_src"]])
+        sign_scale = -step * t["norm_coef"]
+        row_scale = -step * t["norm_coef"][t["row_comp"]] * _rsqrt_or_zero(row_ss)
+        layer_contrib = torch.zeros(len(self.plan.layers), dtype=acc, device=vec.device)
+        layer_contrib.index_add_(0, t["comp_layer"], contrib)
+        return dict(eta=eta, G=G, contributions=layer_contrib, component_contributions=contrib,
+                    comp_scale=comp_scale, sign_scale=sign_scale, row_scale=row_scale, vec=vec)
+
+    def _apply(self, pieces, d: dict) -> None:
+        comp_scale = d["comp_scale"].unbind(0)
+        sign_scale = d["sign_scale"].unbind(0)
+        row_scale, row_offset = d["row_scale"], self._row_scale_offsets()
+        for si, w, g, lo in pieces:
+            if g is None:
+                continue
+            seg = self.segments[si]
+            norm, ci = seg["norm"], seg["comp"]
+            if norm in ("frobenius", "rms", "follow"):
+                w.addcmul_(g, comp_scale[ci])
+            elif norm == "sign":
+                w.addcmul_(torch.sign(g), sign_scale[ci])
+            elif norm == "rows":
+                base = row_offset[si]
+                for r, pos, k, width in _row_chunks(g.numel(), lo - seg["start"], seg["dim"]):
+                    sl = slice(pos, pos + k * width)
+                    w[sl].view(k, width).addcmul_(g[sl].view(k, width), row_scale[base + r : base + r + k, None].to(w.dtype))
+            # frozen: nothing
+
+    def _row_scale_offsets(self) -> dict[int, int]:
+        if not hasattr(self, "_row_offsets"):
+            off, n = {}, 0
+            for si, s in enumerate(self.segments):
+                if s["norm"] == "rows":
+                    off[si] = n
+                    n += s["nrows"]
+            self._row_offsets = off
+        return self._row_offsets
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        device = self.params[0].device
+        gain = self.param_groups[0]["gain"]
+        pieces = self._gather_pieces()  # (a) local partial sums
+        vec = self._local_sums(pieces, device)
+        vec = self.binding.reduce(vec)  # (b) one reduction
+        d = self._derive(vec, gain)  # (c) eta, normalisers, in-place updates
+        self._apply(pieces, d)
+        self.last_stats = d
+        return d["eta"]
+
+    # ---- init ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """The policy's init: matrices (or q/k/v blocks) semi-orthogonal with singular
+        values s, embedding rows under the rows rule of the given norm, biases 0,
+        LayerNorm gains 1. Works on whole (unsharded) tensors: call it before wrapping."""
+        for c in self.plan.components:
+            for p in c.parts:
+                param = self.params[p.param_index]
+                if param.device.type == "meta":
+                    continue
+                region = param.detach().view(-1)[p.start : p.stop].view(p.shape)
+                if p.init == "orthogonal":
+                    q = torch.empty(p.shape, dtype=torch.float64)
+                    torch.nn.init.orthogonal_(q, generator=generator)
+                    region.copy_(q * p.init_scale)
+                elif p.init == "rows":
+                    x = torch.randn(p.shape, dtype=torch.float64, generator=generator)
+                    x *= p.init_scale / x.norm(dim=1, keepdim=True)
+                    region.copy_(x)
+                elif p.init == "zeros":
+                    region.zero_()
+                elif p.init == "ones":
+                    region.fill_(1.0)
+
+    # ---- diagnostics --------------------------------------------------------------------
+    def layer_table(self) -> list[dict]:
+        """One row per part, in model order (a layer's rows together): tensor, part, role,
+        shape, norm, s, in_L (on the layer's first row), layer."""
+        rows = []
+        first = set()
+        layer_pos: dict[int, int] = {}
+        for c in self.plan.components:
+            for p in c.parts:
+                layer_pos[c.layer] = min(layer_pos.get(c.layer, p.param_index), p.param_index)
+        order = sorted(range(len(self.plan.components)),
+                       key=lambda ci: (layer_pos[self.plan.components[ci].layer], self.plan.components[ci].layer, ci))
+        for c in (self.plan.components[ci] for ci in order):
+            for p in c.parts:
+                counts = 0.0
+                if c.layer not in first:
+                    first.add(c.layer)
+                    counts = self.plan.layers[c.layer].in_L
+                rows.append(dict(tensor=p.tensor, part=p.part, role=c.role, shape=tuple(p.shape), norm=c.norm,
+                                 s=c.s, in_L=counts, layer=self.plan.layers[c.layer].name))
+        return rows
+
+    @torch.no_grad()
+    def _segment_norms_sq(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(||W_part||^2, ||dW_part||^2) for every part: weights from the held pieces (one
+        reduce: collective on a sharded binding), updates from the last step's vector."""
+        d = self.last_stats
+        vec, acc = d["vec"], self.acc_dtype
+        w_sq = torch.zeros(len(self.segments), dtype=acc, device=vec.device)
+        pieces = self._gather_pieces()
+        if pieces:
+            norms = torch._foreach_norm([w for _, w, _, _ in pieces], 2, dtype=acc)
+            idx = torch.tensor([si for si, _, _, _ in pieces], device=vec.device)
+            w_sq.index_add_(0, idx, torch.stack(norms).square())
+        w_sq = self.binding.reduce(w_sq)
+        dw_sq = torch.zeros_like(w_sq)
+        offs = self._row_scale_offsets()
+        for si, seg in enumerate(self.segments):
+            norm, ci = seg["norm"], seg["comp"]
+            if norm in ("frobenius", "rms", "follow"):
+                dw_sq[si] = d["comp_scale"][ci].square() * vec[seg["sq"]]
+            elif norm == "sign":
+                dw_sq[si] = d["sign_scale"][ci].square() * vec[seg["nnz"]]
+            elif norm == "rows":
+                rs = d["row_scale"][offs[si] : offs[si] + seg["nrows"]]
+                dw_sq[si] = (rs.square() * vec[seg["row_base"] : seg["row_base"] + seg["nrows"]]).sum()
+        return w_sq, dw_sq
+
+    def log_metrics(self) -> dict[str, float]:
+        """Floats for the trainer (host sync; collective on a sharded binding).
+
+        agd_rel_update/<role> is the mean over the role's components (a matrix joined with
+        its bias counts once, as the pair; q/k/v blocks each once) of ||dW||_F / ||W||_F,
+        with dW the last step's update and W the weights after it."""
+        d = self.last_stats
+        if not d:
+            return {}
+        t = self._static_tensors(d["vec"].device)
+        G = float(d["G"])
+        out = {"agd_eta": float(d["eta"]), "agd_G": G,
+               "agd_grad_norm": float(d["vec"][t["grad_sq"]].sum().sqrt())}
+        shares: dict[str, float] = {}
+        for c, v in zip(self.plan.components, d["component_contributions"].tolist()):
+            shares[c.role] = shares.get(c.role, 0.0) + v
+        for role, v in shares.items():
+            out[f"agd_share/{role}"] = v / G if G > 0 else 0.0
+        w_sq, dw_sq = (x.tolist() for x in self._segment_norms_sq())
+        comp_w, comp_dw = [0.0] * len(self.plan.components), [0.0] * len(self.plan.components)
+        for si, seg in enumerate(self.segments):
+            comp_w[seg["comp"]] += w_sq[si]
+            comp_dw[seg["comp"]] += dw_sq[si]
+        per_role: dict[str, list[float]] = {}
+        for c, w, dw in zip(self.plan.components, comp_w, comp_dw):
+            per_role.setdefault(c.role, []).append(math.sqrt(dw / w) if w > 0 else 0.0)
+        for role, v in per_role.items():
+            out[f"agd_rel_update/{role}"] = sum(v) / len(v)
+        return out
+
+    # ---- state --------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict) -> None:
+        groups = state_dict.get("param_groups", [])
+        if len(groups) != 1:
+            raise ValueError(f"AGD state_dict: expected 1 param group, got {len(groups)}")
+        saved = groups[0]
+        if saved.get("policy") != self.policy:
+            raise ValueError(f"AGD state_dict was saved with policy={saved.get('policy')!r}, "
+                             f"this optimiser uses policy={self.policy!r}")
+        if saved.get("layer_signature") != self.param_groups[0]["layer_signature"]:
+            raise ValueError("AGD state_dict: the saved layer table differs from this model's "
+                             "(different model shape or policy rules)")
+        super().load_state_dict(state_dict)
+
+
+def _sums_of_squares(views: list[torch.Tensor], acc: torch.dtype) -> torch.Tensor:
+    """sum(g^2) of every 1-D view, accumulated in `acc` (>= fp32). Kernels chosen by
+    measurement: on CPU a per-tensor BLAS dot uses all threads (torch._foreach_norm runs
+    one thread: 15 ms vs 9 ms for GPT-2-124M's grads on 2 cores); on GPU one multi-tensor
+    _foreach_norm launch."""
+    if views[0].device.type == "cpu":
+        out = [torch.dot(g, g) if g.dtype == acc else torch.linalg.vector_norm(g, dtype=acc).square()
+               for g in views]
+        return torch.stack(out)
+    return torch.stack(torch._foreach_norm(views, 2, dtype=acc)).square()
+
+
+def _row_chunks(n: int, off: int, d: int) -> list[tuple[int, int, int, int]]:
+    """Split a flat piece of n elements, starting `off` elements into a rows part with row
+    length d, into (row, position in the piece, number of rows, width) chunks: a partial
+    head row, whole rows, a partial tail row."""
+    out, pos = [], 0
+    head = (-off) % d
+    if head:
+        k = min(head, n)
+        out.append((off // d, 0, 1, k))
+        pos = k
+    full = (n - pos) // d
+    if full:
+        out.append(((off + pos) // d, pos, full, d))
+        pos += full * d
+    if pos < n:
+        out.append(((off + pos) // d, pos, 1, n - pos))
+    return out
+
+
+def format_layer_table(opt: AGD) -> str:
+    rows = opt.layer_table()
+    head = ("tensor", "part", "role", "shape", "norm", "s", "in L")
+    cells = [(r["tensor"], r["part"], r["role"], "x".join(map(str, r["shape"])), r["norm"], f"{r['s']:.4g}",
+              f"{r['in_L']:g}") for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(head)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+    lines += [fmt.format(*c) for c in cells]
+    lines.append(f"total L = {opt.L:g}  (policy={opt.policy}, gain={opt.param_groups[0]['gain']:g}, "
+                 f"{len(opt.plan.layers)} layers, {len(rows)} parts)")
+    return "\n".join(lines)
