@@ -171,6 +171,7 @@ def run_case(name: str, overrides: list[str], env: DistEnv, tmp: Path) -> dict:
                 env.barrier()
                 if counter:
                     counter.take()
+                before_save = {k: v.clone() for k, v in backend.full_state_dict().items()}  # .cpu() may alias
                 backend.save(folder)
                 env.barrier()
                 if counter:
@@ -190,8 +191,11 @@ def run_case(name: str, overrides: list[str], env: DistEnv, tmp: Path) -> dict:
     del resumed
     result: dict = {}
     if env.is_main:
+        from agdlm.export import consolidated_state_dict
+
         ref = reference(cfg, init)
         result = {
+            "export_rel_err": max_rel_err(consolidated_state_dict(folder, cfg.model), before_save),
             "rel_err": max_rel_err(full, ref),
             "worst": sorted(rel_errs(full, ref).items(), key=lambda kv: -kv[1])[:3],
             "resume_rel_err": max_rel_err(full_resumed, full),

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.dist_worker import CASES
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dist_worker import CASES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,6 +47,13 @@ def test_matches_single_process(results, case):
 @pytest.mark.parametrize("case", list(CASES))
 def test_checkpoint_resume_reproduces_step(results, case):
     assert results[case]["resume_rel_err"] < 1e-6
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_export_consolidates_the_checkpoint(results, case):
+    # agdlm.export.consolidated_state_dict reads the backend's checkpoint folder on one
+    # process (model.pt, DCP shards, or DeepSpeed's partitions) = the gathered live weights
+    assert results[case]["export_rel_err"] == 0.0
 
 
 def test_agd_issues_exactly_one_all_reduce_on_fsdp2(results):
