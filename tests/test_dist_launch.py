@@ -107,6 +107,20 @@ def test_resume_on_other_world_size_continues_the_same_curve(runs):
     assert (runs["out"] / "A" / "DONE").is_file()
 
 
+def test_same_curve_as_one_process_single_backend(runs, tmp_path):
+    # the reference: the single-device trainer on the same config (catches per-rank init
+    # or data mistakes that two sharded runs would share)
+    from agdlm.config import load_config
+    from agdlm.train import train
+
+    overrides = [o for o in COMMON if not o.startswith("parallel.")] + [f"train.out_dir={tmp_path}", "train.run_name=S",
+                                                                        "train.max_steps=6", "parallel.backend=single"]
+    single = train_losses(Path(train(load_config(None, overrides))["run_dir"]))
+    a = train_losses(runs["out"] / "A")
+    for step in a:
+        assert a[step] == pytest.approx(single[step], rel=1e-5), (step, a, single)
+
+
 def test_killed_rank_restarts_and_completes(runs):
     b = runs["out"] / "B"
     assert "AGDLM_FAULT_AT_STEP: rank 1 exits at step 3" in runs["b_stderr"]

@@ -64,6 +64,11 @@ class FSDP2Backend(Backend):
             self.model = torch.compile(self.model)
 
     def wrap(self, model: nn.Module) -> nn.Module:
+        # Every rank built (and AGD-initialised) the whole model with its own RNG stream;
+        # fully_shard keeps each rank's own rows, so start from rank 0's weights everywhere.
+        with torch.no_grad():
+            for tensor in model.state_dict().values():
+                dist.broadcast(tensor, src=0)
         kwargs: dict = {"mesh": self.mesh}
         if self.precision == "bf16":
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
