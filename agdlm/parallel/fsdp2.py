@@ -112,8 +112,3 @@ class FSDP2Backend(Backend):
     def full_state_dict(self) -> dict:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_model_state_dict(self.raw_model, options=options)
-
-    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t / self.env.world_size
