@@ -1,4 +1,5 @@
-"""`agdlm sample RUN_DIR --prompt TEXT`: generate text from a run's latest checkpoint."""
+"""`agdlm sample RUN_DIR|OUT.pt --prompt TEXT`: generate text from a run's latest checkpoint
+(any backend) or from a model exported by `agdlm export`."""
 
 from __future__ import annotations
 
@@ -15,24 +16,29 @@ from agdlm.data.tokenizer import EOT_TOKEN, gpt2_encoding
 from agdlm.model import GPT
 
 
-def load_model(run_dir: Path, device: str = "cpu") -> GPT:
-    """The GPT of a run's latest checkpoint (single-file model.pt, or a consolidated
-    export.pt written by `agdlm export` for sharded backends)."""
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.yaml"
+def load_model(path: Path, device: str = "cpu") -> GPT:
+    """The GPT of a run's latest checkpoint, or of a file written by `agdlm export`. A
+    sharded checkpoint (FSDP2, DeepSpeed) is consolidated on the fly, as export does."""
+    path = Path(path)
+    if path.is_file():
+        from agdlm.export import load_exported
+
+        return load_exported(path, device)
+    cfg_path = path / "config.yaml"
     if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path} not found: is {run_dir} an agdlm run directory?")
+        raise FileNotFoundError(f"{cfg_path} not found: is {path} an agdlm run directory (or an exported .pt)?")
     cfg = build_config(yaml.safe_load(cfg_path.read_text()))
-    ckpt = latest_checkpoint(run_dir)
+    ckpt = latest_checkpoint(path)
     if ckpt is None:
-        raise FileNotFoundError(f"{run_dir} has no checkpoint yet (checkpoints/latest is missing)")
-    model_file = ckpt / "model.pt"
-    if not model_file.is_file():
-        raise FileNotFoundError(
-            f"{ckpt} holds a sharded checkpoint; run `agdlm export {run_dir} OUT.pt` and sample from that"
-        )
+        raise FileNotFoundError(f"{path} has no checkpoint yet (checkpoints/latest is missing)")
     model = GPT(cfg.model)
-    model.load_state_dict(torch.load(model_file, map_location=device, weights_only=True))
+    model_file = ckpt / "model.pt"
+    if model_file.is_file():
+        model.load_state_dict(torch.load(model_file, map_location=device, weights_only=True))
+    else:
+        from agdlm.export import consolidated_state_dict
+
+        model.load_state_dict(consolidated_state_dict(ckpt, cfg.model))
     return model.to(device).eval()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -230,7 +231,7 @@ class Trainer:
         if "grad_norm" in stats:
             record["grad_norm"] = float(stats["grad_norm"])
         if self.peak_flops:
-            record["mfu"] = self.backend.raw_model.flops_per_token() * tokens_per_s / (self.peak_flops * self.env.world_size)
+            record["mfu"] = self.backend.flops_per_token() * tokens_per_s / (self.peak_flops * self.env.world_size)
         record.update(memory_stats(self.env.device))
         return record
 
@@ -247,6 +248,7 @@ class Trainer:
                 last_val = self.log_eval()
             skipped, t_interval, steps_in_interval = 0, time.perf_counter(), 0
             while self.step < self.total_steps:
+                _maybe_inject_fault(self.step, self.env.rank)
                 loss, stats = self.train_step()
                 self.step += 1
                 steps_in_interval += 1
@@ -268,6 +270,18 @@ class Trainer:
             if hasattr(self, "metrics"):
                 self.metrics.close()
         return {"run_dir": str(self.run_dir), "step": self.step, "val_loss": last_val}
+
+
+def _maybe_inject_fault(step: int, rank: int) -> None:
+    """Test-only hook: AGDLM_FAULT_AT_STEP=N makes rank 1 (rank 0 on one process) die with
+    os._exit(17) before step N+1, in the first attempt of a torchrun launch only
+    (TORCHELASTIC_RESTART_COUNT unset or 0), so --max-restarts can be tested."""
+    at = os.environ.get("AGDLM_FAULT_AT_STEP")
+    if at is None or step != int(at) or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    if rank == min(1, int(os.environ.get("WORLD_SIZE", "1")) - 1):
+        print(f"AGDLM_FAULT_AT_STEP: rank {rank} exits at step {step}", file=sys.stderr, flush=True)
+        os._exit(17)
 
 
 def train(cfg: Config, command_line: list[str] | None = None) -> dict:

@@ -85,6 +85,9 @@ class Backend:
         opt.zero_grad(set_to_none=True)
         return stats
 
+    def flops_per_token(self) -> float:
+        return self.raw_model.flops_per_token()
+
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         return torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
 

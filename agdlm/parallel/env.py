@@ -62,10 +62,25 @@ def init_distributed(cfg) -> DistEnv:
             os.environ.setdefault("WORLD_SIZE", "1")
             os.environ.setdefault("LOCAL_RANK", "0")
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, store=_restart_safe_store(world_size),
+                                device_id=device if device.type == "cuda" else None)
     if dist.is_initialized():  # the launcher's (or a test's) group is the truth
         rank, world_size = dist.get_rank(), dist.get_world_size()
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device, owns_process_group=owns)
+
+
+def _restart_safe_store(world_size: int):
+    """Under torchrun's agent store the store outlives a restart (--max-restarts), and the
+    workers' process-group keys (gloo's peer addresses) from the failed attempt are still
+    there: a restarted rank could read a dead peer's address ("Connection refused" in
+    connectFullMesh). Prefix the keys with the attempt number. None: torch's env:// store."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    from datetime import timedelta
+
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+                         timeout=timedelta(minutes=30))
+    return dist.PrefixStore(f"agdlm/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", base)
 
 
 def shutdown_distributed() -> None:

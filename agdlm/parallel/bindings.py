@@ -1,0 +1,119 @@
+"""AGD bindings: for each logical parameter the optimiser was built with, the pieces this
+rank holds, and the one process group the partial sums are reduced over.
+
+The contract (agdlm/optim/agd.py): ``pieces(index)`` -> [(start, weight, grad)] with
+``start`` the flat offset of the piece in the logical tensor flattened row-major, ``weight``
+a 1-D view updated in place, ``grad`` the matching 1-D view of the averaged gradient (or
+None); ``reduce(vec)`` sums over the ranks that shard the parameters. Nothing is gathered.
+
+- FSDP2: DTensor ``to_local()`` rows (Shard(0)); reduce over the shard sub-mesh (HSDP
+  replicas already hold the same averaged gradient and update identically).
+- DeepSpeed ZeRO 1/2: the fragment of the optimiser's fp32 flat partition that maps to each
+  model parameter (``p._hp_mapping``); reduce over the partition group.
+- DeepSpeed ZeRO 3: the parameter's partition inside the fp32 sub-group flat
+  (``grad_position``); reduce over the sub-group's partition group.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+
+def _all_reduce_sum(vec: torch.Tensor, group) -> torch.Tensor:
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=group)
+    return vec
+
+
+class FSDP2Binding:
+    """Pieces are this rank's rows of each Shard(0) DTensor parameter."""
+
+    def __init__(self, params: list[torch.Tensor], shard_group):
+        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        self.params, self.group = params, shard_group
+        self.starts: list[int] = []
+        for p in params:
+            if not isinstance(p, DTensor):
+                raise RuntimeError("FSDP2 binding: a parameter is not a DTensor; fully_shard the root module")
+            _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+            strides = [math.prod(p.shape[d + 1 :]) for d in range(p.dim())]
+            self.starts.append(sum(o * s for o, s in zip(offset, strides)))
+
+    def pieces(self, index: int):
+        p = self.params[index]
+        w = p.detach().to_local().view(-1)
+        g = None if p.grad is None else p.grad.to_local().view(-1)
+        return [(self.starts[index], w, g)]
+
+    def reduce(self, vec: torch.Tensor) -> torch.Tensor:
+        return _all_reduce_sum(vec, self.group)
+
+
+class DeepSpeedZeroBinding:
+    """ZeRO 1/2 (and bf16's BF16_Optimizer): pieces are the fragments of the fp32 flat
+    partition linked to each model parameter by DeepSpeed's ``_hp_mapping``."""
+
+    def __init__(self, params: list[torch.Tensor], zero_optimizer):
+        self.params, self.z = params, zero_optimizer
+        flats = getattr(zero_optimizer, "single_partition_of_fp32_groups", None)
+        if flats is None:
+            flats = zero_optimizer.fp32_groups_flat_partition  # BF16_Optimizer
+        if len(flats) != 1:
+            raise RuntimeError(
+                f"AGD on DeepSpeed needs the optimiser's parameters in ONE param group (got {len(flats)}): "
+                "every layer's norm must be known before any update"
+            )
+        self.flat = flats[0]
+        groups = getattr(zero_optimizer, "real_dp_process_group", None) or getattr(zero_optimizer, "dp_process_group", None)
+        self.group = groups[0] if isinstance(groups, (list, tuple)) else groups
+        if getattr(zero_optimizer, "round_robin_gradients", False):
+            raise RuntimeError("AGD on DeepSpeed: round_robin_gradients reorders the flat partition; turn it off")
+
+    def pieces(self, index: int):
+        mapping = getattr(self.params[index], "_hp_mapping", None)
+        if mapping is None:
+            return []
+        hp = mapping.get_hp_fragment_address()
+        lp_start = mapping.lp_fragment_address.start
+        w = self.flat.detach().narrow(0, hp.start, hp.numel)
+        g = None if self.flat.grad is None else self.flat.grad.narrow(0, hp.start, hp.numel)
+        return [(lp_start, w, g)]
+
+    def reduce(self, vec: torch.Tensor) -> torch.Tensor:
+        return _all_reduce_sum(vec, self.group)
+
+
+class DeepSpeedZero3Binding:
+    """ZeRO 3: parameter p's partition on rank r is elements [r*c, r*c + c) of its flattened
+    logical tensor (c = p.partition_numel(), the last partition padded); it lives at
+    ``grad_position`` in the fp32 flat of its sub-group."""
+
+    def __init__(self, params: list[torch.Tensor], zero_optimizer):
+        self.params, self.z = params, zero_optimizer
+        self.flats = zero_optimizer.fp32_partitioned_groups_flat
+        if len(self.flats) != 1:
+            raise RuntimeError(
+                f"AGD on DeepSpeed ZeRO 3 needs ONE optimiser sub-group (got {len(self.flats)}); "
+                "the backend sets zero_optimization.sub_group_size large enough"
+            )
+        self.group = zero_optimizer._get_sub_group_process_group(0) if hasattr(zero_optimizer, "_get_sub_group_process_group") else zero_optimizer.dp_process_group
+        self.rank = dist.get_rank(self.group)
+
+    def pieces(self, index: int):
+        p = self.params[index]
+        sg, offset, _ = self.z.grad_position[self.z.get_param_id(p)]
+        chunk = p.partition_numel()
+        start = self.rank * chunk
+        numel = max(0, min(chunk, p.ds_numel - start))
+        flat = self.flats[sg]
+        w = flat.detach().narrow(0, offset, numel)
+        g = None if flat.grad is None else flat.grad.narrow(0, offset, numel)
+        return [(start, w, g)]
+
+    def reduce(self, vec: torch.Tensor) -> torch.Tensor:
+        return _all_reduce_sum(vec, self.group)

@@ -1,0 +1,142 @@
+"""DeepSpeed ZeRO 1/2/3 through `deepspeed.initialize` with a config generated from ours
+(`deepspeed_config`; the same shape as the JSON templates in launch/).
+
+The trainer's optimiser (AGD or AdamW) is DeepSpeed's client optimiser. For AGD the backend
+asserts what silently changes eta: gradient clipping off, round-robin gradients off,
+gradients accumulated and reduced in fp32; keeps the optimiser in ONE param group (and ONE
+ZeRO-3 sub-group) so DeepSpeed calls its step once, with every gradient present; and binds
+it to the fp32 partition (agdlm.parallel.bindings). DeepSpeed runs accumulation itself:
+`forward_backward` calls engine.backward (which divides by the accumulation steps) and
+engine.step on every micro-batch; the optimiser steps at the boundary."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from agdlm.config import ConfigError
+from agdlm.parallel.base import Backend
+
+TAG = "deepspeed"  # the engine's checkpoint lives in checkpoints/step_N/deepspeed/
+ONE_SUB_GROUP = 10**15  # ZeRO-3 sub_group_size large enough that AGD sees one sub-group
+
+
+def deepspeed_config(cfg, world_size: int, precision: str) -> dict:
+    agd = cfg.optim.name == "agd"
+    zero: dict = {
+        "stage": cfg.parallel.zero_stage,
+        "round_robin_gradients": False,
+        "contiguous_gradients": True,
+        "overlap_comm": False,
+    }
+    if cfg.parallel.zero_stage == 3:
+        zero["sub_group_size"] = ONE_SUB_GROUP
+    ds: dict = {
+        "train_batch_size": cfg.train.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum_steps(world_size),
+        "gradient_clipping": 0.0 if agd else float(cfg.optim.grad_clip),
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": zero,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
+        ds["communication_data_type"] = "fp32"
+    elif precision == "fp16":
+        ds["fp16"] = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 1000}
+        ds["communication_data_type"] = "fp32"
+    return ds
+
+
+class DeepSpeedBackend(Backend):
+    name = "deepspeed"
+
+    def __init__(self, cfg, env):
+        super().__init__(cfg, env)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=False)  # DeepSpeed scales fp16 itself
+        self.engine = None
+
+    def setup(self, model: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]) -> None:
+        import deepspeed
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        model = model.to(self.env.device)
+        self._flops_per_token = model.flops_per_token()  # before ZeRO-3 empties the parameters
+        client = make_optimizer(model)
+        self.ds_config = deepspeed_config(self.cfg, self.env.world_size, self.precision)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client, config=self.ds_config, dist_init_required=False)
+        self.engine, self.model, self.raw_model, self.optimizer = engine, engine, engine.module, client
+        if hasattr(client, "bind"):
+            self._bind_agd(client)
+        if self.cfg.train.compile:
+            self.engine.compile()
+
+    def _bind_agd(self, opt) -> None:
+        from agdlm.parallel.bindings import DeepSpeedZero3Binding, DeepSpeedZeroBinding
+
+        engine = self.engine
+        if engine.gradient_clipping() != 0:
+            raise RuntimeError(f"AGD on DeepSpeed needs gradient_clipping=0 (got {engine.gradient_clipping()})")
+        if self.precision in ("bf16", "fp16"):
+            grad_accum_dtype = engine.get_data_types()[1]
+            if grad_accum_dtype != torch.float32 or engine.communication_data_type != torch.float32:
+                raise RuntimeError(
+                    f"AGD on DeepSpeed needs fp32 gradient accumulation and reduction (got {grad_accum_dtype}, "
+                    f"{engine.communication_data_type})"
+                )
+        zero = engine.optimizer
+        binding_cls = DeepSpeedZero3Binding if self.cfg.parallel.zero_stage == 3 else DeepSpeedZeroBinding
+        opt.bind(binding_cls(opt.params, zero))
+
+    def flops_per_token(self) -> float:
+        return self._flops_per_token
+
+    def autocast(self):
+        return contextlib.nullcontext()  # the engine holds the parameters in the compute dtype
+
+    def forward_backward(self, x, y, accum_steps, is_last):
+        _, loss = self.engine(x, y)
+        self.engine.backward(loss)  # divides by gradient_accumulation_steps itself
+        if not is_last:
+            self.engine.step()  # a micro-step: DeepSpeed counts it, the optimiser does not run
+        return loss.detach()
+
+    def optimizer_step(self, grad_clip: float) -> dict:
+        engine = self.engine
+        if not engine.is_gradient_accumulation_boundary():
+            raise RuntimeError("DeepSpeed micro-step count is off: the step is not at an accumulation boundary")
+        skipped_before = engine.skipped_steps
+        engine.step()  # clipping (AdamW only) is in the DeepSpeed config
+        stats: dict = {"skipped_step": engine.skipped_steps > skipped_before}
+        if self.cfg.optim.name != "agd" and grad_clip > 0:
+            norm = engine.get_global_grad_norm()
+            if norm is not None:
+                stats["grad_norm"] = float(norm)
+        return stats
+
+    # ---- checkpoints: the engine's own (model + partitioned optimiser state) ------------
+    def save(self, folder: Path) -> None:
+        self.engine.save_checkpoint(str(folder), tag=TAG, save_latest=False)
+
+    def load(self, folder: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(folder), tag=TAG, load_lr_scheduler_states=False)
+        if path is None:
+            raise FileNotFoundError(f"{folder / TAG} holds no DeepSpeed checkpoint")
+
+    def full_state_dict(self) -> dict:
+        params = list(self.raw_model.parameters())
+        gather = contextlib.nullcontext()
+        if self.cfg.parallel.zero_stage == 3:
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        with gather:
+            return {k: v.detach().float().cpu().clone() for k, v in self.raw_model.state_dict().items()}

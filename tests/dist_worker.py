@@ -1,0 +1,249 @@
+"""Worker for tests/test_dist_backends.py: one 2-rank gloo process group that runs every
+backend case against the single-process reference and writes the results (rank 0) to JSON.
+
+Each case: the tiny GPT (biases, LayerNorm affine) trained 3 steps on the same global
+batches (8 rows; 2 ranks x 2 micro-batches of 2 rows) by the backend, weights gathered and
+compared with the single-process run (8 rows, one micro-batch); a checkpoint written after
+step 2 is loaded by a fresh backend, which repeats step 3 and must land on the same weights.
+On FSDP2 the collectives of the step are counted."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from agdlm.config import load_config
+from agdlm.model import GPT
+from agdlm.parallel import build_backend
+from agdlm.parallel.env import DistEnv
+from agdlm.train import make_optimizer_factory
+
+TINY = [
+    "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "model.vocab_size=128",
+    "model.bias=true", "train.global_batch_size=8", "train.micro_batch_size=2", "train.precision=fp32",
+    "train.device=cpu", "optim.lr=1e-2", "optim.warmup_steps=1", "optim.weight_decay=0.1",
+    # AdamW divides by sqrt(v) + eps: with eps=1e-8 it turns float rounding noise in gradients
+    # that are exactly zero in exact arithmetic (the key bias: softmax is shift-invariant) into
+    # +-lr steps, so no two summation orders agree; a larger eps keeps the comparison sharp.
+    "optim.eps=1e-3",
+]  # fmt: skip
+STEPS, ROWS = 3, 8
+
+# name -> overrides
+CASES = {
+    "ddp-agd": ["parallel.backend=ddp", "optim.name=agd"],
+    "ddp-adamw": ["parallel.backend=ddp", "optim.name=adamw", "model.activation_checkpointing=true"],
+    "fsdp2-agd": ["parallel.backend=fsdp2", "optim.name=agd"],
+    "fsdp2-adamw": ["parallel.backend=fsdp2", "optim.name=adamw"],
+    "fsdp2-adamw-noclip": ["parallel.backend=fsdp2", "optim.name=adamw", "optim.grad_clip=0"],
+    "hsdp2x1-agd": ["parallel.backend=fsdp2", "parallel.replicate=2", "optim.name=agd"],
+    "hsdp2x1-adamw": ["parallel.backend=fsdp2", "parallel.replicate=2", "optim.name=adamw"],
+    "fsdp2-agd-modular-untied-ac": ["parallel.backend=fsdp2", "optim.name=agd", "optim.policy=modular",
+                                    "model.tie_embeddings=false", "model.activation_checkpointing=true"],
+    "zero1-agd": ["parallel.backend=deepspeed", "parallel.zero_stage=1", "optim.name=agd"],
+    "zero1-adamw": ["parallel.backend=deepspeed", "parallel.zero_stage=1", "optim.name=adamw"],
+    "zero2-agd": ["parallel.backend=deepspeed", "parallel.zero_stage=2", "optim.name=agd"],
+    "zero2-adamw": ["parallel.backend=deepspeed", "parallel.zero_stage=2", "optim.name=adamw"],
+    "zero3-agd": ["parallel.backend=deepspeed", "parallel.zero_stage=3", "optim.name=agd"],
+    "zero3-adamw": ["parallel.backend=deepspeed", "parallel.zero_stage=3", "optim.name=adamw"],
+    "zero2-agd-modular-untied": ["parallel.backend=deepspeed", "parallel.zero_stage=2", "optim.name=agd",
+                                 "optim.policy=modular", "model.tie_embeddings=false"],
+    "zero3-agd-modular-untied-ac": ["parallel.backend=deepspeed", "parallel.zero_stage=3", "optim.name=agd",
+                                    "optim.policy=modular", "model.tie_embeddings=false",
+                                    "model.activation_checkpointing=true"],
+}  # fmt: skip
+
+class CollectiveCounter:
+    """Counts the collectives issued in the real process, at the dispatcher: the profiler
+    records every c10d op (`c10d::allreduce_`, `c10d::_allgather_base_`,
+    `c10d::_reduce_scatter_base_`, functional `_c10d_functional::*`) whoever calls it.
+    `take()` returns the counts since the previous `take()`."""
+
+    def __init__(self):
+        self._start()
+
+    def _start(self):
+        from torch.profiler import ProfilerActivity, profile
+
+        self.prof = profile(activities=[ProfilerActivity.CPU])
+        self.prof.__enter__()
+
+    def take(self) -> dict[str, int]:
+        self.prof.__exit__(None, None, None)
+        counts: dict[str, int] = {}
+        for e in self.prof.events():
+            if e.name.startswith(("c10d::", "_c10d_functional::")) and "wait" not in e.name:
+                counts[e.name] = counts.get(e.name, 0) + 1
+        self._start()
+        return counts
+
+    def remove(self) -> None:
+        self.prof.__exit__(None, None, None)
+
+
+def global_batch(k: int, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + k)
+    data = torch.randint(0, cfg.model.vocab_size, (ROWS, cfg.model.block_size + 1), generator=g)
+    return data[:, :-1].contiguous(), data[:, 1:].contiguous()
+
+
+def initial_weights(cfg) -> dict:
+    torch.manual_seed(0)
+    model = GPT(cfg.model)
+    if cfg.optim.name == "agd":
+        from agdlm.optim.agd import AGD
+
+        AGD(model, policy=cfg.optim.policy, gain=cfg.optim.gain).init_weights()
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def build(cfg, env, init):
+    model = GPT(cfg.model)
+    model.load_state_dict(init)
+    backend = build_backend(cfg, env)
+    backend.setup(model, make_optimizer_factory(cfg, "cpu"))
+    return backend
+
+
+def train_step(backend, cfg, env, k: int, counter: CollectiveCounter | None = None) -> dict:
+    from agdlm.optim.adamw import lr_at
+
+    if cfg.optim.name == "adamw":
+        for group in backend.optimizer.param_groups:
+            group["lr"] = lr_at(k, cfg.optim, STEPS)
+    x, y = global_batch(k, cfg)
+    rows = ROWS // env.world_size
+    x, y = x[env.rank * rows : (env.rank + 1) * rows], y[env.rank * rows : (env.rank + 1) * rows]
+    micro = list(zip(x.split(cfg.train.micro_batch_size), y.split(cfg.train.micro_batch_size)))
+    for i, (xb, yb) in enumerate(micro):
+        backend.forward_backward(xb, yb, len(micro), i == len(micro) - 1)
+    counts = {"backward": counter.take()} if counter else {}
+    backend.optimizer_step(cfg.optim.grad_clip if cfg.optim.name == "adamw" else 0.0)
+    if counter:
+        counts["step"] = counter.take()
+    return counts
+
+
+def reference(cfg, init) -> dict:
+    """The single-process run: backend single, one micro-batch of the whole global batch."""
+    ref_cfg = load_config(None, [*TINY, *CASE_OVERRIDES, "parallel.backend=single", "parallel.replicate=1",
+                                 f"train.micro_batch_size={ROWS}"])
+    env = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    backend = build(ref_cfg, env, init)
+    for k in range(STEPS):
+        train_step(backend, ref_cfg, env, k)
+    return backend.full_state_dict()
+
+
+def rel_errs(a: dict, b: dict) -> dict[str, float]:
+    """Per tensor: max |a - b| / max |b|."""
+    assert a.keys() == b.keys(), (sorted(a), sorted(b))
+    return {k: float((a[k].float() - b[k].float()).abs().max() / b[k].float().abs().max().clamp_min(1e-12)) for k in b}
+
+
+def max_rel_err(a: dict, b: dict) -> float:
+    return max(rel_errs(a, b).values())
+
+
+CASE_OVERRIDES: list[str] = []
+
+
+def run_case(name: str, overrides: list[str], env: DistEnv, tmp: Path) -> dict:
+    global CASE_OVERRIDES
+    CASE_OVERRIDES = overrides
+    cfg = load_config(None, [*TINY, *overrides])
+    init = initial_weights(cfg)
+    counter = CollectiveCounter() if cfg.parallel.backend == "fsdp2" else None
+    try:
+        backend = build(cfg, env, init)
+        folder = tmp / name
+        counts = []
+        for k in range(STEPS):
+            if k == STEPS - 1:
+                if env.is_main:
+                    folder.mkdir(parents=True, exist_ok=True)
+                env.barrier()
+                if counter:
+                    counter.take()
+                before_save = {k: v.clone() for k, v in backend.full_state_dict().items()}  # .cpu() may alias
+                backend.save(folder)
+                env.barrier()
+                if counter:
+                    counter.take()
+            counts.append(train_step(backend, cfg, env, k, counter))
+    finally:
+        if counter:
+            counter.remove()
+    if cfg.optim.name == "agd":
+        metrics = backend.optimizer.log_metrics()  # a collective on sharded bindings: all ranks
+    full = backend.full_state_dict()
+    del backend
+    resumed = build(cfg, env, initial_weights(load_config(None, [*TINY, *overrides, "optim.name=adamw"])))  # other init
+    resumed.load(folder)
+    train_step(resumed, cfg, env, STEPS - 1)
+    full_resumed = resumed.full_state_dict()
+    del resumed
+    result: dict = {}
+    if env.is_main:
+        from agdlm.export import consolidated_state_dict
+
+        ref = reference(cfg, init)
+        result = {
+            "export_rel_err": max_rel_err(consolidated_state_dict(folder, cfg.model), before_save),
+            "rel_err": max_rel_err(full, ref),
+            "worst": sorted(rel_errs(full, ref).items(), key=lambda kv: -kv[1])[:3],
+            "resume_rel_err": max_rel_err(full_resumed, full),
+            "moved": max_rel_err(init, ref),
+            "collectives": counts,
+        }
+        if cfg.optim.name == "agd":
+            result["agd_eta"] = metrics["agd_eta"]
+    env.barrier()
+    return result
+
+
+def worker(rank: int, world_size: int, port: int, out: str, only: list[str] | None) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    env = DistEnv(rank=rank, local_rank=rank, world_size=world_size, device=torch.device("cpu"))
+    tmp = Path(out).parent / "ckpt"
+    results = {}
+    for name, overrides in CASES.items():
+        if only and name not in only:
+            continue
+        try:
+            results[name] = run_case(name, overrides, env, tmp)
+        except Exception:  # record and go on: one broken backend must not hide the others
+            results[name] = {"error": traceback.format_exc()}
+            if rank == 0:
+                print(f"[{name}] {results[name]['error']}", file=sys.stderr, flush=True)
+            raise  # the other rank would hang in a collective otherwise
+        if rank == 0:
+            Path(out).write_text(json.dumps(results, indent=1))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    out = sys.argv[1]
+    only = sys.argv[2:] or None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(2, port, out, only), nprocs=2, join=True)
+
+
+if __name__ == "__main__":
+    main()
