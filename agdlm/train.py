@@ -23,6 +23,7 @@ from agdlm.data import build_data, merge_states
 from agdlm.metrics import build_metrics, memory_stats, peak_flops, roll_back_metrics
 from agdlm.model import GPT
 from agdlm.parallel import build_backend, init_distributed, shutdown_distributed
+from agdlm.parallel.env import exit_without_teardown, launched_as_worker
 from agdlm import provenance
 
 # Sections whose change makes a checkpoint a different experiment; train.* and log.* may change
@@ -318,4 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"agdlm: {e}", file=sys.stderr)
         return 3
-    return 0 if result else 1
+    code = 0 if result else 1
+    if cfg.parallel.backend == "deepspeed" and launched_as_worker():
+        exit_without_teardown(code)
+    return code

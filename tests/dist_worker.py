@@ -21,7 +21,7 @@ import torch.distributed as dist
 from agdlm.config import load_config
 from agdlm.model import GPT
 from agdlm.parallel import build_backend
-from agdlm.parallel.env import DistEnv
+from agdlm.parallel.env import DistEnv, exit_without_teardown
 from agdlm.train import make_optimizer_factory
 
 TINY = [
@@ -230,6 +230,7 @@ def worker(rank: int, world_size: int, port: int, out: str, only: list[str] | No
             Path(out).write_text(json.dumps(results, indent=1))
     dist.barrier()
     dist.destroy_process_group()
+    exit_without_teardown(0)  # DeepSpeed workers can abort in interpreter teardown
 
 
 def main() -> None:

@@ -46,17 +46,19 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], steps: int, 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
     import logging
+    import warnings
 
     import torch
     import torch.distributed as dist
 
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # DeepSpeed's deprecated torch calls
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from agdlm.config import load_config
     from agdlm.model import GPT
     from agdlm.parallel import build_backend
-    from agdlm.parallel.env import DistEnv
+    from agdlm.parallel.env import DistEnv, exit_without_teardown
     from agdlm.train import make_optimizer_factory
 
     cfg = load_config(None, overrides)
@@ -107,6 +109,7 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], steps: int, 
     Path(f"{out}.rank{rank}").write_text(json.dumps(record))
     dist.barrier()
     dist.destroy_process_group()
+    exit_without_teardown(0)  # DeepSpeed workers can abort in interpreter teardown
 
 
 def _free_port() -> int:
