@@ -1,4 +1,5 @@
-"""launch/torchrun.sh end to end on loopback, FSDP2 + AGD on the block data path:
+"""launch/torchrun.sh end to end on loopback, FSDP2 + AGD on the pre-tokenised data path
+(`agdlm prepare` shards, memmapped):
 
 - run A: two torchrun agents (--nnodes=2, --node-rank 0/1, c10d rendezvous on
   127.0.0.1), one process each, trains 4 steps with checkpoints at 2 and 4;
@@ -57,7 +58,16 @@ def runs(tmp_path_factory, agdlm_cache):
     out = tmp_path_factory.mktemp("launch")
     env = env_for(agdlm_cache)
     script = str(ROOT / "launch" / "torchrun.sh")
-    a_args = [*COMMON, f"train.out_dir={out}", "train.run_name=A"]
+    # the pre-tokenised path: uint16 shards written by `agdlm prepare`, memmapped by the trainer
+    from agdlm.data.demo import write_demo_shard
+
+    tokens = out / "tokens"
+    proc = subprocess.run([sys.executable, "-m", "agdlm", "prepare", str(write_demo_shard()), str(tokens),
+                           "--val-fraction", "0.1", "--workers", "1", "--no-progress"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    check(proc, "agdlm prepare")
+    data_args = [f"data.source={tokens}"]
+    a_args = [*COMMON, *data_args, f"train.out_dir={out}", "train.run_name=A"]
 
     # A: two "nodes" on loopback, 6 steps planned; rank 1 dies before step 5 (no restarts):
     # the run stops after its step-4 checkpoint, like a job that ran out of time
@@ -84,11 +94,11 @@ def runs(tmp_path_factory, agdlm_cache):
 
     # B: 2 processes, rank 1 dies before step 4 once; torchrun restarts; the trainer resumes
     proc = subprocess.run(["bash", script, "--nproc-per-node", "2", "--max-restarts", "1", "--",
-                           *COMMON, f"train.out_dir={out}", "train.run_name=B", "train.max_steps=6"],
+                           *COMMON, *data_args, f"train.out_dir={out}", "train.run_name=B", "train.max_steps=6"],
                           env={**env, "AGDLM_FAULT_AT_STEP": "3"}, cwd=ROOT, capture_output=True, text=True, timeout=300)
     (out / "B.stderr").write_text(proc.stderr)
     check(proc, "fault-injected run B")
-    return {"out": out, "world_a": world_a, "b_stderr": proc.stderr, "env": env}
+    return {"out": out, "world_a": world_a, "b_stderr": proc.stderr, "env": env, "data_args": data_args}
 
 
 def test_two_node_launch_trained_and_checkpointed(runs):
@@ -113,7 +123,7 @@ def test_same_curve_as_one_process_single_backend(runs, tmp_path):
     from agdlm.config import load_config
     from agdlm.train import train
 
-    overrides = [o for o in COMMON if not o.startswith("parallel.")] + [f"train.out_dir={tmp_path}", "train.run_name=S",
+    overrides = [o for o in COMMON if not o.startswith("parallel.")] + runs["data_args"] + [f"train.out_dir={tmp_path}", "train.run_name=S",
                                                                         "train.max_steps=6", "parallel.backend=single"]
     single = train_losses(Path(train(load_config(None, overrides))["run_dir"]))
     a = train_losses(runs["out"] / "A")
