@@ -275,18 +275,23 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        if isinstance(value, str):  # PyYAML reads "1e6" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, float) and value.is_integer():
             return int(value)
         raise ConfigError(f"{key} must be an integer, got {value!r}")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
         if isinstance(value, str):  # PyYAML reads "1e-3" as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key} must be a number, got {value!r}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
             return value
@@ -349,13 +354,22 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.lr={o.lr} must be positive")
     if o.min_lr is not None and not 0 <= o.min_lr <= o.lr:
         raise ConfigError(f"optim.min_lr={o.min_lr} must be in [0, optim.lr={o.lr}]")
+    if o.eps <= 0:
+        raise ConfigError(f"optim.eps={o.eps} must be positive")
+    if o.lr_decay_steps is not None and o.lr_decay_steps <= 0:
+        raise ConfigError(f"optim.lr_decay_steps={o.lr_decay_steps} must be positive (or null: train.max_steps)")
+    if cfg.parallel.replicate != 1 and cfg.parallel.backend != "fsdp2":
+        raise ConfigError(
+            f"parallel.replicate={cfg.parallel.replicate} (HSDP replicas) needs parallel.backend=fsdp2, "
+            f"not {cfg.parallel.backend}"
+        )
     if o.warmup_steps < 0:
         raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be >= 0")
     if not all(0.0 <= b < 1.0 for b in o.betas):
         raise ConfigError(f"optim.betas={list(o.betas)} must each be in [0, 1)")
     if o.weight_decay < 0 or o.grad_clip < 0:
         raise ConfigError("optim.weight_decay and optim.grad_clip must be >= 0")
-    if not t.run_name or "/" in t.run_name:
+    if not t.run_name or "/" in t.run_name or t.run_name in (".", ".."):
         raise ConfigError(f"train.run_name={t.run_name!r} must be a non-empty name without '/'")
 
 

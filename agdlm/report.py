@@ -280,7 +280,8 @@ def plot_lr_transfer(runs: list[RunLog], path: Path) -> bool:
             ax.plot(xs, ys, color=colour, marker="o", linewidth=1.6, label=f"AdamW {size}")
             best = min(range(len(xs)), key=ys.__getitem__)
             ax.plot([xs[best]], [ys[best]], color=colour, marker="*", markersize=13, linestyle="none")
-        agd = [r.final_val_loss for r in finals if r.optimiser == "agd" and size_label(r, finals) == size]
+        # finished AGD runs only, as for AdamW's line: a killed or diverged run would skew it
+        agd = [r.final_val_loss for r in finals if r.optimiser == "agd" and r.done and size_label(r, finals) == size]
         if agd:
             ax.axhline(statistics.mean(agd), color=colour, linestyle="--", linewidth=1.4, label=f"AGD {size} (no lr)")
     ax.set_xscale("log")

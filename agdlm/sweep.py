@@ -383,7 +383,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     runs = sweep.runs
     if args.only:
-        runs = [r for r in runs if re.search(args.only, r.name)]
+        try:
+            only = re.compile(args.only)
+        except re.error as e:
+            print(f"agdlm sweep: --only {args.only!r} is not a regular expression: {e}", file=sys.stderr)
+            return 2
+        runs = [r for r in runs if only.search(r.name)]
     done = [r for r in runs if r.finished]
     pending = [r for r in runs if not r.finished]
 

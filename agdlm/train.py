@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from agdlm.checkpoint import begin_checkpoint, checkpoints_dir, commit_checkpoint, latest_checkpoint, read_json, write_json
-from agdlm.config import Config, ConfigError, config_to_yaml, load_config, section_help
-from agdlm.data import build_data, merge_states
+from agdlm.checkpoint import atomic_write_text, begin_checkpoint, checkpoints_dir, commit_checkpoint, latest_checkpoint, read_json, write_json
+from agdlm.config import Config, ConfigError, build_config, config_to_yaml, load_config, section_help
+from agdlm.data import EOT_TOKEN, DataSourceError, build_data, merge_states
 from agdlm.metrics import build_metrics, memory_stats, peak_flops, roll_back_metrics
 from agdlm.model import GPT
 from agdlm.parallel import build_backend, init_distributed, shutdown_distributed
@@ -63,6 +63,15 @@ def check_resume_compatible(cfg: Config, run_dir: Path) -> None:
     ]
     if saved.get("train", {}).get("global_batch_size") != now["train"]["global_batch_size"]:
         diffs.append(f"train.global_batch_size: {saved['train']['global_batch_size']} -> {now['train']['global_batch_size']}")
+    saved_cfg = build_config(saved)
+    if cfg.optim.name == "adamw" and cfg.optim.lr_decay_steps is None and saved_cfg.total_steps() != cfg.total_steps():
+        diffs.append(f"AdamW's cosine horizon (train.max_steps/max_tokens): {saved_cfg.total_steps()} -> "
+                     f"{cfg.total_steps()} steps (extending an AdamW run changes its schedule; set optim.lr_decay_steps "
+                     "from the start to make the horizon independent of max_steps)")
+    layout = {"single": "model.pt", "ddp": "model.pt", "fsdp2": "dcp", "deepspeed": "deepspeed"}
+    if layout[saved_cfg.parallel.backend] != layout[cfg.parallel.backend]:
+        diffs.append(f"parallel.backend: {saved_cfg.parallel.backend} -> {cfg.parallel.backend} "
+                     "(a different checkpoint layout; `agdlm export` gives a single-file model)")
     if diffs:
         raise ConfigError(
             f"{run_dir} holds a checkpoint of a different experiment ({'; '.join(diffs)}); "
@@ -83,13 +92,18 @@ class Trainer:
     # ---- setup -----------------------------------------------------------------------
     def setup(self) -> None:
         cfg, env = self.cfg, self.env
+        if cfg.model.vocab_size < EOT_TOKEN + 1:  # every data path yields GPT-2 token ids
+            raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the GPT-2 tokenizer's {EOT_TOKEN + 1} tokens")
         resume_from = latest_checkpoint(self.run_dir)
         if resume_from is not None:
             check_resume_compatible(cfg, self.run_dir)
+        env.barrier()  # every rank has read the old config.yaml before rank 0 replaces it
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+            atomic_write_text(self.run_dir / "config.yaml", config_to_yaml(cfg))
             self._write_provenance(resumed_from=resume_from)
+            if resume_from is None:  # a restart before the first checkpoint starts the curve anew
+                roll_back_metrics(self.run_dir / "metrics.jsonl", step=-1)
         env.barrier()
 
         torch.manual_seed(cfg.train.seed + env.rank)  # dropout differs per rank; data does not
@@ -247,20 +261,22 @@ class Trainer:
         try:
             if self.step == 0:
                 last_val = self.log_eval()
-            skipped, t_interval, steps_in_interval = 0, time.perf_counter(), 0
+            skipped, train_time, steps_in_interval = 0, 0.0, 0
             while self.step < self.total_steps:
                 _maybe_inject_fault(self.step, self.env.rank)
+                t0 = time.perf_counter()  # eval and checkpoint time stay out of step_time_s
                 loss, stats = self.train_step()
+                train_time += time.perf_counter() - t0
                 self.step += 1
                 steps_in_interval += 1
                 skipped += int(bool(stats.get("skipped_step", False)))
                 at_end = self.step == self.total_steps
                 if self.step % cfg.log.interval == 0 or at_end:
-                    record = self.train_record(loss, stats, time.perf_counter() - t_interval, steps_in_interval)
+                    record = self.train_record(loss, stats, train_time, steps_in_interval)
                     if skipped:
                         record["skipped_steps"] = skipped
                     self.metrics.log(record)
-                    t_interval, steps_in_interval = time.perf_counter(), 0
+                    train_time, steps_in_interval = 0.0, 0
                 if self.step % cfg.train.eval_interval == 0 or at_end:
                     last_val = self.log_eval()
                 if self.step % cfg.train.ckpt_interval == 0 or at_end:
@@ -319,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"agdlm: {e}", file=sys.stderr)
         return 3
+    except (DataSourceError, FileNotFoundError) as e:
+        print(f"agdlm: data error: {e}", file=sys.stderr)
+        return 2
     code = 0 if result else 1
     if cfg.parallel.backend == "deepspeed" and launched_as_worker():
         exit_without_teardown(code)

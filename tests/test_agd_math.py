@@ -315,7 +315,7 @@ def test_two_piece_binding_equals_single_piece(policy, bias, tied):
     for k, p in enumerate(opts[0].params):
         n = p.numel()
         cuts.append([0, n][k % 2] if k % 5 == 0 else int(torch.randint(1, n, (1,), generator=gen)))
-    barrier, box, etas = threading.Barrier(2), {}, {}
+    barrier, box, etas = threading.Barrier(2, timeout=60), {}, {}
     for r, o in enumerate(opts):
         o.bind(TwoRankBinding(o, r, cuts, barrier, box))
 

@@ -64,3 +64,25 @@ def test_adamw_schedule_warms_up_then_decays_to_a_tenth():
     assert lr_at(10, o, 110) == pytest.approx(1e-3)
     assert lr_at(60, o, 110) == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4))
     assert lr_at(110, o, 110) == pytest.approx(1e-4) and lr_at(500, o, 110) == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("optim.gain=.nan", "optim.gain"),
+        ("optim.grad_clip=.inf", "optim.grad_clip"),
+        ("optim.eps=0", "optim.eps"),
+        ("optim.lr_decay_steps=0", "optim.lr_decay_steps"),
+        ("parallel.replicate=2", "parallel.replicate"),
+        ("train.run_name=..", "train.run_name"),
+    ],
+)
+def test_more_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_integer_keys_accept_scientific_notation():
+    assert load_config(None, ["train.max_tokens=1e6"]).train.max_tokens == 1_000_000
+    with pytest.raises(ConfigError, match="train.max_tokens"):
+        load_config(None, ["train.max_tokens=1.5e0"])

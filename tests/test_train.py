@@ -148,3 +148,41 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_overrides, monkeypat
     state = torch.load(ckpt / "model.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state.values())
     assert not (run / "DONE").exists()
+
+
+def test_restart_before_first_checkpoint_starts_the_curve_anew(tiny_overrides, monkeypatch):
+    common = tiny_overrides + ["optim.name=adamw", "train.max_steps=3", "train.ckpt_interval=10", "train.run_name=early"]
+    original = Trainer.train_step
+
+    def crash_at_step_2(self):
+        if self.step == 1:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", crash_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(None, common))
+    monkeypatch.setattr(Trainer, "train_step", original)
+    run = Path(train(load_config(None, common))["run_dir"])
+    assert [(r["kind"], r["step"]) for r in read_metrics(run)] == [
+        ("eval", 0), ("train", 1), ("train", 2), ("train", 3), ("eval", 3)]
+    assert (run / "metrics.rolled_back.jsonl").is_file()  # the first attempt's records are kept aside
+
+
+def test_resume_refuses_a_changed_schedule_or_checkpoint_layout(tiny_overrides):
+    from agdlm.config import ConfigError
+
+    common = tiny_overrides + ["optim.name=adamw", "train.max_steps=2", "train.run_name=changed"]
+    train(load_config(None, common + ["train.ckpt_interval=1"]))
+    (Path(tiny_overrides[-1].split("=", 1)[1]) / "changed" / "DONE").unlink()  # as if it had been killed
+    with pytest.raises(ConfigError, match="cosine horizon"):
+        train(load_config(None, common + ["train.max_steps=4"]))
+    with pytest.raises(ConfigError, match="parallel.backend"):
+        train(load_config(None, common + ["parallel.backend=fsdp2"]))
+    with pytest.raises(ConfigError, match="model.vocab_size"):
+        train(load_config(None, common + ["model.vocab_size=100", "train.run_name=small_vocab"]))
+    # AGD has no schedule: a killed AGD run may be extended
+    agd = tiny_overrides + ["train.max_steps=2", "train.ckpt_interval=1", "train.run_name=extended"]
+    train(load_config(None, agd))
+    (Path(tiny_overrides[-1].split("=", 1)[1]) / "extended" / "DONE").unlink()
+    assert train(load_config(None, agd + ["train.max_steps=3"]))["step"] == 3

@@ -44,6 +44,7 @@ from agdlm.data.sources import (
     resolve_shards,
 )
 from agdlm.data.tokenizer import gpt2_encoding
+from agdlm.config import ConfigError
 
 log = logging.getLogger("agdlm.data")
 
@@ -92,7 +93,7 @@ def _split_tokens(docs, val_fraction: float, threads: int = 1) -> tuple[np.ndarr
     for text in docs:
         (val_docs if is_validation_document(text, val_fraction) else train_docs).append(text)
     if not train_docs or not val_docs:
-        raise ValueError(
+        raise ConfigError(
             f"data.val_fraction={val_fraction} leaves an empty train or val split "
             f"({len(train_docs)} train, {len(val_docs)} val documents)"
         )
@@ -213,7 +214,7 @@ def _streaming_val_tokens(cfg, source: str, rank: int, barrier) -> np.ndarray:
         collect()
     tokens = np.fromfile(path, dtype="<u2")
     if len(tokens) < span:
-        raise ValueError(
+        raise ConfigError(
             f"data source {source}: the held-out split (data.val_fraction={cfg.data.val_fraction}) holds "
             f"{len(tokens)} tokens, fewer than one block of {span}"
         )

@@ -178,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-docs", type=int, default=256, help="documents per worker task")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    if args.shard_tokens < 1:
+        p.error(f"--shard-tokens must be at least 1, got {args.shard_tokens}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     source = args.source
     if source == "demo":

@@ -31,7 +31,7 @@ def lr_at(step: int, optim_cfg, total_steps: int) -> float:
     """Learning rate for optimiser step `step` (0-based)."""
     lr, warmup = optim_cfg.lr, optim_cfg.warmup_steps
     min_lr = lr / 10 if optim_cfg.min_lr is None else optim_cfg.min_lr
-    decay_steps = optim_cfg.lr_decay_steps or total_steps
+    decay_steps = total_steps if optim_cfg.lr_decay_steps is None else optim_cfg.lr_decay_steps
     if step < warmup:
         return lr * (step + 1) / (warmup + 1)
     if step >= decay_steps:

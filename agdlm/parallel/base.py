@@ -13,13 +13,14 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from agdlm.checkpoint import atomic_torch_save
+from agdlm.config import ConfigError
 from agdlm.parallel.env import DistEnv
 
 
 def resolve_precision(choice: str, device: torch.device) -> str:
     if device.type != "cuda":
         if choice == "fp16":
-            raise ValueError("train.precision=fp16 needs a CUDA device; use fp32, bf16 or auto on CPU")
+            raise ConfigError("train.precision=fp16 needs a CUDA device; use fp32, bf16 or auto on CPU")
         return "fp32" if choice == "auto" else choice
     if choice == "auto":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"

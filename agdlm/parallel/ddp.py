@@ -15,13 +15,16 @@ from agdlm.parallel.base import Backend
 class DDPBackend(Backend):
     name = "ddp"
 
+    ddp: DistributedDataParallel | None = None  # kept apart: torch.compile wraps self.model
+
     def wrap(self, model: nn.Module) -> nn.Module:
         if not self.env.distributed:
             return model
         device_ids = [self.env.device.index] if self.env.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids)
+        self.ddp = DistributedDataParallel(model, device_ids=device_ids)
+        return self.ddp
 
     def accumulation_context(self, is_last_micro_batch: bool):
-        if isinstance(self.model, DistributedDataParallel) and not is_last_micro_batch:
-            return self.model.no_sync()
+        if self.ddp is not None and not is_last_micro_batch:
+            return self.ddp.no_sync()
         return contextlib.nullcontext()
