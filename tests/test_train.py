@@ -25,6 +25,21 @@ def final_weights(run_dir):
     return torch.load(latest_checkpoint(Path(run_dir)) / "model.pt", weights_only=True)
 
 
+def train_until_crash(cfg, before_step: int, monkeypatch) -> None:
+    """Train `cfg` and crash (KeyboardInterrupt) just before optimiser step `before_step`."""
+    original = Trainer.train_step
+
+    def crashing(self):
+        if self.step == before_step - 1:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.setattr(Trainer, "train_step", original)
+
+
 def cpu_env():
     return DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
@@ -61,17 +76,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tiny_overrides, optim
     common = tiny_overrides + optim + ["train.max_steps=6", "train.ckpt_interval=3", "train.eval_interval=3", "model.dropout=0.1"]
     straight = train(load_config(None, common + ["train.run_name=straight"]))
 
-    original = Trainer.train_step
-
-    def crash_at_step_5(self):
-        if self.step == 4:
-            raise KeyboardInterrupt("simulated crash")
-        return original(self)
-
-    monkeypatch.setattr(Trainer, "train_step", crash_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        train(load_config(None, common + ["train.run_name=resumed"]))
-    monkeypatch.setattr(Trainer, "train_step", original)
+    train_until_crash(load_config(None, common + ["train.run_name=resumed"]), 5, monkeypatch)
     resumed = train(load_config(None, common + ["train.run_name=resumed"]))
 
     a, b = read_metrics(straight["run_dir"]), read_metrics(resumed["run_dir"])
@@ -152,17 +157,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_overrides, monkeypat
 
 def test_restart_before_first_checkpoint_starts_the_curve_anew(tiny_overrides, monkeypatch):
     common = tiny_overrides + ["optim.name=adamw", "train.max_steps=3", "train.ckpt_interval=10", "train.run_name=early"]
-    original = Trainer.train_step
-
-    def crash_at_step_2(self):
-        if self.step == 1:
-            raise KeyboardInterrupt("simulated crash")
-        return original(self)
-
-    monkeypatch.setattr(Trainer, "train_step", crash_at_step_2)
-    with pytest.raises(KeyboardInterrupt):
-        train(load_config(None, common))
-    monkeypatch.setattr(Trainer, "train_step", original)
+    train_until_crash(load_config(None, common), 2, monkeypatch)
     run = Path(train(load_config(None, common))["run_dir"])
     assert [(r["kind"], r["step"]) for r in read_metrics(run)] == [
         ("eval", 0), ("train", 1), ("train", 2), ("train", 3), ("eval", 3)]
