@@ -168,7 +168,10 @@ class Trainer:
         state = read_json(folder / "trainer.json")
         self.step = int(state["step"])
         self.backend.load(folder)
-        self.data.train.load_state_dict(read_json(folder / "data.json"))
+        try:
+            self.data.train.load_state_dict(read_json(folder / "data.json"))
+        except ValueError as e:  # e.g. a streaming position on another world size
+            raise ConfigError(f"{folder}: {e}") from None
         rng_file = folder / f"rng_rank{env.rank}.pt"
         if state["world_size"] == env.world_size and rng_file.is_file():
             rng = torch.load(rng_file, weights_only=True)

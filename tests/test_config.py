@@ -86,3 +86,9 @@ def test_integer_keys_accept_scientific_notation():
     assert load_config(None, ["train.max_tokens=1e6"]).train.max_tokens == 1_000_000
     with pytest.raises(ConfigError, match="train.max_tokens"):
         load_config(None, ["train.max_tokens=1.5e0"])
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp2", "hsdp", "zero1", "zero2", "zero3"])
+def test_parallel_configs_load(name):
+    cfg = load_config(["gpt2-124m", f"parallel/{name}"])
+    assert cfg.parallel.backend in ("ddp", "fsdp2", "deepspeed")
