@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from agdlm.checkpoint import checkpoints_dir, latest_checkpoint, read_json
+from agdlm.checkpoint import atomic_torch_save, checkpoints_dir, latest_checkpoint, read_json
 from agdlm.config import build_config
 from agdlm.model import GPT, GPTConfig
 
@@ -79,9 +79,7 @@ def export(run_dir: Path, out: Path, checkpoint: str | None = None) -> Path:
     }
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp_{out.name}")
-    torch.save(payload, tmp)
-    tmp.replace(out)
+    atomic_torch_save(payload, out)
     return out
 
 

@@ -14,6 +14,8 @@ from typing import Protocol
 
 import torch
 
+from agdlm.checkpoint import atomic_write_text
+
 
 class Sink(Protocol):
     def log(self, record: dict) -> None: ...
@@ -189,9 +191,7 @@ def roll_back_metrics(path: Path, step: int) -> int:
     if later:
         with open(path.with_name("metrics.rolled_back.jsonl"), "a") as f:
             f.write("\n".join(later) + "\n")
-        tmp = path.with_name(f".tmp_{path.name}.{os.getpid()}")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
     return len(later)
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import zstandard
 
+from agdlm.checkpoint import atomic_write_bytes
+
 
 def cache_dir() -> Path:
     return Path(os.environ.get("AGDLM_CACHE", Path.home() / ".cache" / "agdlm"))
@@ -20,7 +22,7 @@ def demo_shard_path() -> Path:
 
 
 def write_demo_shard(path: Path | None = None) -> Path:
-    """Write the shard (atomically: temp file, then rename) unless it already exists."""
+    """Write the shard (atomically) unless it already exists."""
     from pydoc_data.topics import topics
 
     path = Path(path or demo_shard_path())
@@ -32,7 +34,5 @@ def write_demo_shard(path: Path | None = None) -> Path:
         for name, text in sorted(topics.items())
     ]
     payload = zstandard.ZstdCompressor(level=10).compress(("\n".join(lines) + "\n").encode("utf-8"))
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(payload)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, payload)
     return path

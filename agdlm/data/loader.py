@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from agdlm.checkpoint import atomic_write_bytes
 from agdlm.data.demo import cache_dir, write_demo_shard
 from agdlm.data.packing import (
     StreamingBlocks,
@@ -202,9 +203,7 @@ def _streaming_val_tokens(cfg, source: str, rank: int, barrier) -> np.ndarray:
         log.info("collecting %d validation tokens from %s", need, source)
         tokens = collect_val_tokens(_stream(cfg, source), cfg.data.val_fraction, need, max(1, cfg.data.num_workers))
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        tokens.astype("<u2").tofile(tmp)
-        os.replace(tmp, path)
+        atomic_write_bytes(path, tokens.astype("<u2").tobytes())
 
     if rank == 0 and not path.is_file():
         collect()
