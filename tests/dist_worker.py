@@ -21,7 +21,7 @@ import torch.distributed as dist
 from agdlm.config import load_config
 from agdlm.model import GPT
 from agdlm.parallel import build_backend
-from agdlm.parallel.env import DistEnv, exit_without_teardown
+from agdlm.parallel.env import DistEnv, exit_without_teardown, free_port
 from agdlm.train import make_optimizer_factory
 
 TINY = [
@@ -234,16 +234,11 @@ def worker(rank: int, world_size: int, port: int, out: str, only: list[str] | No
 
 
 def main() -> None:
-    import socket
-
     import torch.multiprocessing as mp
 
     out = sys.argv[1]
     only = sys.argv[2:] or None
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(worker, args=(2, port, out, only), nprocs=2, join=True)
+    mp.spawn(worker, args=(2, free_port(), out, only), nprocs=2, join=True)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,14 @@ weights_only=True, and `agdlm sample` reads the sharded run directly."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from agdlm.parallel.env import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = [
@@ -28,12 +29,6 @@ COMMON = [
     "log.interval=1", "train.eval_interval=2", "train.ckpt_interval=2", "train.keep_checkpoints=3",
     "optim.name=agd", "parallel.backend=fsdp2", "train.device=cpu", "train.precision=fp32",
 ]  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env_for(cache) -> dict:

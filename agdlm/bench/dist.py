@@ -16,11 +16,12 @@ import argparse
 import json
 import os
 import resource
-import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from agdlm.parallel.env import free_port
 
 BACKENDS = {
     "ddp": ["parallel.backend=ddp"],
@@ -112,18 +113,12 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], steps: int, 
     exit_without_teardown(0)  # DeepSpeed workers can abort in interpreter teardown
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_one(overrides: list[str], world: int, steps: int) -> list[dict]:
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "r")
-        mp.spawn(_worker, args=(world, _free_port(), overrides, steps, out), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, free_port(), overrides, steps, out), nprocs=world, join=True)
         return [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(world)]
 
 

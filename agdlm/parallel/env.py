@@ -58,7 +58,7 @@ def init_distributed(cfg) -> DistEnv:
     if owns:
         if "MASTER_ADDR" not in os.environ:  # a plain one-process launch of a distributed backend
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
             os.environ.setdefault("RANK", "0")
             os.environ.setdefault("WORLD_SIZE", "1")
             os.environ.setdefault("LOCAL_RANK", "0")
@@ -104,7 +104,8 @@ def launched_as_worker() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback port free right now (for a rendezvous on this machine)."""
     import socket
 
     with socket.socket() as s:
