@@ -20,10 +20,9 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 
 from agdlm.checkpoint import atomic_torch_save, checkpoints_dir, latest_checkpoint, read_json
-from agdlm.config import build_config
+from agdlm.config import build_config, read_yaml_mapping
 from agdlm.model import GPT, GPTConfig
 
 
@@ -31,18 +30,13 @@ def run_config(run_dir: Path):
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {run_dir} an agdlm run directory?")
-    return build_config(yaml.safe_load(path.read_text()))
-
-
-def gpt_config(model_cfg) -> GPTConfig:
-    fields = {f.name for f in dataclasses.fields(GPTConfig)}
-    return GPTConfig(**{k: v for k, v in dataclasses.asdict(model_cfg).items() if k in fields})
+    return build_config(read_yaml_mapping(path))
 
 
 def consolidated_state_dict(ckpt: Path, model_cfg) -> dict[str, torch.Tensor]:
     """The whole model's fp32 weights from one checkpoint folder of any backend."""
     ckpt = Path(ckpt)
-    model = GPT(gpt_config(model_cfg))
+    model = GPT(model_cfg)
     if (ckpt / "model.pt").is_file():
         state = torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)
     elif (ckpt / "dcp").is_dir():
@@ -56,7 +50,7 @@ def consolidated_state_dict(ckpt: Path, model_cfg) -> dict[str, torch.Tensor]:
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="deepspeed")
     else:
         raise FileNotFoundError(f"{ckpt} holds no model.pt, dcp/ or deepspeed/ checkpoint")
-    if gpt_config(model_cfg).tie_embeddings:  # one tensor under two names: fill whichever is missing
+    if model_cfg.tie_embeddings:  # one tensor under two names: fill whichever is missing
         for a, b in (("lm_head.weight", "transformer.wte.weight"), ("transformer.wte.weight", "lm_head.weight")):
             if a not in state and b in state:
                 state[a] = state[b]
@@ -73,7 +67,7 @@ def export(run_dir: Path, out: Path, checkpoint: str | None = None) -> Path:
     trainer = ckpt / "trainer.json"
     payload = {
         "model": consolidated_state_dict(ckpt, cfg.model),
-        "model_config": dataclasses.asdict(gpt_config(cfg.model)),
+        "model_config": dataclasses.asdict(cfg.model),
         "step": int(read_json(trainer)["step"]) if trainer.is_file() else -1,
         "source": str(ckpt),
     }

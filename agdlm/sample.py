@@ -8,11 +8,10 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 
 from agdlm.checkpoint import latest_checkpoint
-from agdlm.config import build_config
 from agdlm.data.tokenizer import EOT_TOKEN, gpt2_encoding
+from agdlm.export import consolidated_state_dict, load_exported, run_config
 from agdlm.model import GPT
 
 
@@ -21,24 +20,13 @@ def load_model(path: Path, device: str = "cpu") -> GPT:
     sharded checkpoint (FSDP2, DeepSpeed) is consolidated on the fly, as export does."""
     path = Path(path)
     if path.is_file():
-        from agdlm.export import load_exported
-
         return load_exported(path, device)
-    cfg_path = path / "config.yaml"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path} not found: is {path} an agdlm run directory (or an exported .pt)?")
-    cfg = build_config(yaml.safe_load(cfg_path.read_text()))
+    cfg = run_config(path)
     ckpt = latest_checkpoint(path)
     if ckpt is None:
         raise FileNotFoundError(f"{path} has no checkpoint yet (checkpoints/latest is missing)")
     model = GPT(cfg.model)
-    model_file = ckpt / "model.pt"
-    if model_file.is_file():
-        model.load_state_dict(torch.load(model_file, map_location=device, weights_only=True))
-    else:
-        from agdlm.export import consolidated_state_dict
-
-        model.load_state_dict(consolidated_state_dict(ckpt, cfg.model))
+    model.load_state_dict(consolidated_state_dict(ckpt, cfg.model))
     return model.to(device).eval()
 
 
