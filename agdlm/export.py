@@ -24,6 +24,7 @@ import torch
 from agdlm.checkpoint import atomic_torch_save, checkpoints_dir, latest_checkpoint, read_json
 from agdlm.config import build_config, read_yaml_mapping
 from agdlm.model import GPT, GPTConfig
+from agdlm.parallel import CHECKPOINT_LAYOUT
 
 
 def run_config(run_dir: Path):
@@ -37,19 +38,20 @@ def consolidated_state_dict(ckpt: Path, model_cfg) -> dict[str, torch.Tensor]:
     """The whole model's fp32 weights from one checkpoint folder of any backend."""
     ckpt = Path(ckpt)
     model = GPT(model_cfg)
-    if (ckpt / "model.pt").is_file():
-        state = torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)
-    elif (ckpt / "dcp").is_dir():
+    model_file, dcp_dir, ds_tag = (CHECKPOINT_LAYOUT[b] for b in ("single", "fsdp2", "deepspeed"))
+    if (ckpt / model_file).is_file():
+        state = torch.load(ckpt / model_file, map_location="cpu", weights_only=True)
+    elif (ckpt / dcp_dir).is_dir():
         import torch.distributed.checkpoint as dcp
 
         state = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
-        dcp.load({"model": state}, checkpoint_id=str(ckpt / "dcp"), no_dist=True)
-    elif (ckpt / "deepspeed").is_dir():
+        dcp.load({"model": state}, checkpoint_id=str(ckpt / dcp_dir), no_dist=True)
+    elif (ckpt / ds_tag).is_dir():
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="deepspeed")
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=ds_tag)
     else:
-        raise FileNotFoundError(f"{ckpt} holds no model.pt, dcp/ or deepspeed/ checkpoint")
+        raise FileNotFoundError(f"{ckpt} holds no {model_file}, {dcp_dir}/ or {ds_tag}/ checkpoint")
     if model_cfg.tie_embeddings:  # one tensor under two names: fill whichever is missing
         for a, b in (("lm_head.weight", "transformer.wte.weight"), ("transformer.wte.weight", "lm_head.weight")):
             if a not in state and b in state:

@@ -18,17 +18,18 @@ import torch
 import torch.distributed as dist
 
 from agdlm.checkpoint import atomic_write_text, begin_checkpoint, checkpoints_dir, commit_checkpoint, latest_checkpoint, read_json, write_json
-from agdlm.config import Config, ConfigError, build_config, config_to_yaml, load_config, section_help
+from agdlm.config import Config, ConfigError, build_config, config_to_yaml, load_config, read_yaml_mapping, section_help
 from agdlm.data import EOT_TOKEN, DataSourceError, build_data, merge_states
 from agdlm.metrics import build_metrics, memory_stats, peak_flops, roll_back_metrics
 from agdlm.model import GPT
-from agdlm.parallel import build_backend, init_distributed, shutdown_distributed
+from agdlm.parallel import CHECKPOINT_LAYOUT, build_backend, init_distributed, shutdown_distributed
 from agdlm.parallel.env import exit_without_teardown, launched_as_worker
 from agdlm import provenance
 
-# Sections whose change makes a checkpoint a different experiment; train.* and log.* may change
-# (e.g. a longer max_steps), parallel.* may change where the backend allows it.
-RESUME_MUST_MATCH = ("model", "optim", "data")
+# What must not change on resume (whole sections or single keys): otherwise the checkpoint is of a
+# different experiment. Other train.* and log.* keys may change (e.g. a longer max_steps for AGD);
+# parallel.* may change while the checkpoint layout stays the same.
+RESUME_MUST_MATCH = ("model", "optim", "data", "train.global_batch_size")
 
 
 class TrainingDiverged(RuntimeError):
@@ -49,27 +50,22 @@ def make_optimizer_factory(cfg: Config, device_type: str):
 
 
 def check_resume_compatible(cfg: Config, run_dir: Path) -> None:
-    import yaml
-
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
         return
-    saved, now = yaml.safe_load(saved_path.read_text()), cfg.to_dict()
-    diffs = [
-        f"{section}.{key}: {saved.get(section, {}).get(key)!r} -> {value!r}"
-        for section in RESUME_MUST_MATCH
-        for key, value in now[section].items()
-        if saved.get(section, {}).get(key, value) != value
-    ]
-    if saved.get("train", {}).get("global_batch_size") != now["train"]["global_batch_size"]:
-        diffs.append(f"train.global_batch_size: {saved['train']['global_batch_size']} -> {now['train']['global_batch_size']}")
-    saved_cfg = build_config(saved)
+    saved_cfg = build_config(read_yaml_mapping(saved_path))
+    saved, now = saved_cfg.to_dict(), cfg.to_dict()
+    diffs = []
+    for item in RESUME_MUST_MATCH:
+        section, _, key = item.partition(".")
+        for k in [key] if key else now[section]:
+            if saved[section][k] != now[section][k]:
+                diffs.append(f"{section}.{k}: {saved[section][k]!r} -> {now[section][k]!r}")
     if cfg.optim.name == "adamw" and cfg.optim.lr_decay_steps is None and saved_cfg.total_steps() != cfg.total_steps():
         diffs.append(f"AdamW's cosine horizon (train.max_steps/max_tokens): {saved_cfg.total_steps()} -> "
                      f"{cfg.total_steps()} steps (extending an AdamW run changes its schedule; set optim.lr_decay_steps "
                      "from the start to make the horizon independent of max_steps)")
-    layout = {"single": "model.pt", "ddp": "model.pt", "fsdp2": "dcp", "deepspeed": "deepspeed"}
-    if layout[saved_cfg.parallel.backend] != layout[cfg.parallel.backend]:
+    if CHECKPOINT_LAYOUT[saved_cfg.parallel.backend] != CHECKPOINT_LAYOUT[cfg.parallel.backend]:
         diffs.append(f"parallel.backend: {saved_cfg.parallel.backend} -> {cfg.parallel.backend} "
                      "(a different checkpoint layout; `agdlm export` gives a single-file model)")
     if diffs:

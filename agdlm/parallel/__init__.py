@@ -14,10 +14,14 @@ BACKENDS = {
     "deepspeed": "agdlm.parallel.deepspeed:DeepSpeedBackend",
 }
 
+# What each backend writes inside checkpoints/step_N/: a resume needs the same layout, and
+# `agdlm export` reads any of them.
+CHECKPOINT_LAYOUT = {"single": "model.pt", "ddp": "model.pt", "fsdp2": "dcp", "deepspeed": "deepspeed"}
+
 
 def build_backend(cfg, env: DistEnv):
     module_name, class_name = BACKENDS[cfg.parallel.backend].split(":")
     return getattr(importlib.import_module(module_name), class_name)(cfg, env)
 
 
-__all__ = ["DistEnv", "init_distributed", "shutdown_distributed", "build_backend", "BACKENDS"]
+__all__ = ["DistEnv", "init_distributed", "shutdown_distributed", "build_backend", "BACKENDS", "CHECKPOINT_LAYOUT"]

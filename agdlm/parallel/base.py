@@ -14,7 +14,10 @@ import torch.nn as nn
 
 from agdlm.checkpoint import atomic_torch_save
 from agdlm.config import ConfigError
+from agdlm.parallel import CHECKPOINT_LAYOUT
 from agdlm.parallel.env import DistEnv
+
+MODEL_FILE = CHECKPOINT_LAYOUT["single"]  # the whole model, written by rank 0
 
 
 def resolve_precision(choice: str, device: torch.device) -> str:
@@ -103,13 +106,13 @@ class Backend:
     # ---- checkpoints: model.pt + optimizer.pt (+ scaler.pt) written by rank 0 -----------
     def save(self, folder: Path) -> None:
         if self.env.is_main:
-            atomic_torch_save(self.raw_model.state_dict(), folder / "model.pt")
+            atomic_torch_save(self.raw_model.state_dict(), folder / MODEL_FILE)
             atomic_torch_save(self.optimizer.state_dict(), folder / "optimizer.pt")
             if self.scaler.is_enabled():
                 atomic_torch_save(self.scaler.state_dict(), folder / "scaler.pt")
 
     def load(self, folder: Path) -> None:
-        state = torch.load(folder / "model.pt", map_location=self.env.device, weights_only=True)
+        state = torch.load(folder / MODEL_FILE, map_location=self.env.device, weights_only=True)
         self.raw_model.load_state_dict(state)
         self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=self.env.device, weights_only=True))
         if self.scaler.is_enabled() and (folder / "scaler.pt").is_file():

@@ -20,9 +20,10 @@ import torch
 import torch.nn as nn
 
 from agdlm.config import ConfigError
+from agdlm.parallel import CHECKPOINT_LAYOUT
 from agdlm.parallel.base import Backend
 
-TAG = "deepspeed"  # the engine's checkpoint lives in checkpoints/step_N/deepspeed/
+TAG = CHECKPOINT_LAYOUT["deepspeed"]  # the engine's checkpoint lives in checkpoints/step_N/deepspeed/
 ONE_SUB_GROUP = 10**15  # ZeRO-3 sub_group_size large enough that AGD sees one sub-group
 
 

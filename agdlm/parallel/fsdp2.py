@@ -27,9 +27,10 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from agdlm.checkpoint import atomic_torch_save
 from agdlm.config import ConfigError
+from agdlm.parallel import CHECKPOINT_LAYOUT
 from agdlm.parallel.base import Backend
 
-DCP_DIR = "dcp"  # the sharded checkpoint inside checkpoints/step_N/
+DCP_DIR = CHECKPOINT_LAYOUT["fsdp2"]  # the sharded checkpoint inside checkpoints/step_N/
 
 
 def build_mesh(device_type: str, world_size: int, replicate: int):
