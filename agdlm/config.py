@@ -32,6 +32,7 @@ ModelConfig = GPTConfig  # the model section is the model's own config
 class OptimConfig:
     name: str = "agd"  # agd | adamw
     policy: str = "default"  # AGD: default | paper | agd_exp | modular
+    variant: str = "none"  # AGD study variants on top of a policy (README "AGD variants"); none = faithful
     gain: float = 1.0  # AGD: not a learning rate; kept for experiments
     lr: float = 6e-4  # AdamW from here on
     min_lr: float | None = None  # None: lr / 10, as nanoGPT decays GPT-2's AdamW
@@ -53,6 +54,8 @@ class DataConfig:
     shuffle_buffer: int = 1024  # streaming: blocks per shuffled chunk (0 or 1: no shuffle)
     mode: str = "auto"  # auto | memory | stream (local sources and hub ids; prepared folders ignore it)
     split: str = "train"  # the split a hub dataset streams through `datasets`
+    tokenizer: str = "gpt2"  # gpt2 | bytes (UTF-8 bytes + EOT: vocab 257, for cheap studies)
+    max_bad_fraction: float = 0.01  # stop when more than this fraction of records/members is unreadable
 
 
 @dataclass
@@ -65,6 +68,7 @@ class TrainConfig:
     eval_batches: int = 8
     ckpt_interval: int = 100
     keep_checkpoints: int = 2
+    max_skipped_steps: int = 3  # AGD: stop after this many consecutive steps skipped for a non-finite G
     seed: int = 1337
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     compile: bool = False
@@ -127,6 +131,8 @@ SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fiel
 CHOICES: dict[str, tuple[str, ...]] = {
     "optim.name": ("agd", "adamw"),
     "optim.policy": ("default", "paper", "agd_exp", "modular"),
+    "optim.variant": ("none",),
+    "data.tokenizer": ("gpt2", "bytes"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
     "parallel.backend": ("single", "ddp", "fsdp2", "deepspeed"),
@@ -342,6 +348,10 @@ def validate(cfg: Config) -> None:
         )
     if not 0.0 < dt.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={dt.val_fraction} must be in (0, 1)")
+    if not 0.0 <= dt.max_bad_fraction <= 1.0:
+        raise ConfigError(f"data.max_bad_fraction={dt.max_bad_fraction} must be in [0, 1]")
+    if t.max_skipped_steps < 1:
+        raise ConfigError(f"train.max_skipped_steps={t.max_skipped_steps} must be at least 1")
     if dt.num_workers < 0:
         raise ConfigError(f"data.num_workers={dt.num_workers} must be >= 0")
     if dt.mode not in ("auto", "memory", "stream"):

@@ -10,9 +10,18 @@ from pathlib import Path
 import torch
 
 from agdlm.checkpoint import latest_checkpoint
-from agdlm.data.tokenizer import EOT_TOKEN, gpt2_encoding
+from agdlm.data.tokenizer import encoding_for
 from agdlm.export import consolidated_state_dict, load_exported, run_config
 from agdlm.model import GPT
+
+
+def tokenizer_of(path: Path) -> str:
+    """`data.tokenizer` of the run that made `path` (an exported file's folder may hold none: gpt2)."""
+    path = Path(path)
+    try:
+        return run_config(path).data.tokenizer if path.is_dir() else "gpt2"
+    except FileNotFoundError:
+        return "gpt2"
 
 
 def load_model(path: Path, device: str = "cpu") -> GPT:
@@ -47,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"agdlm sample: {e}", file=sys.stderr)
         return 2
     torch.manual_seed(args.seed)
-    enc = gpt2_encoding()
-    ids = enc.encode_ordinary(args.prompt) or [EOT_TOKEN]
+    enc = encoding_for(tokenizer_of(args.run_dir))
+    ids = enc.encode_ordinary(args.prompt) or [enc.eot_token]
     x = torch.tensor([ids], dtype=torch.long, device=args.device)
     for _ in range(args.num_samples):
         out = model.generate(x, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)

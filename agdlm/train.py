@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from agdlm.checkpoint import atomic_write_text, begin_checkpoint, checkpoints_dir, commit_checkpoint, latest_checkpoint, read_json, write_json
 from agdlm.config import Config, ConfigError, build_config, config_to_yaml, load_config, read_yaml_mapping, section_help
-from agdlm.data import EOT_TOKEN, DataSourceError, build_data, merge_states
+from agdlm.data import DataSourceError, build_data, encoding_for, merge_states
 from agdlm.metrics import build_metrics, memory_stats, peak_flops, roll_back_metrics
 from agdlm.model import GPT
 from agdlm.parallel import CHECKPOINT_LAYOUT, build_backend, init_distributed, shutdown_distributed
@@ -88,8 +88,10 @@ class Trainer:
     # ---- setup -----------------------------------------------------------------------
     def setup(self) -> None:
         cfg, env = self.cfg, self.env
-        if cfg.model.vocab_size < EOT_TOKEN + 1:  # every data path yields GPT-2 token ids
-            raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the GPT-2 tokenizer's {EOT_TOKEN + 1} tokens")
+        n_vocab = encoding_for(cfg.data.tokenizer).n_vocab
+        if cfg.model.vocab_size < n_vocab:  # every data path yields ids of data.tokenizer
+            raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than data.tokenizer="
+                              f"{cfg.data.tokenizer}'s {n_vocab} tokens")
         resume_from = latest_checkpoint(self.run_dir)
         if resume_from is not None:
             check_resume_compatible(cfg, self.run_dir)

@@ -44,7 +44,7 @@ from agdlm.data.sources import (
     DocumentStream,
     resolve_shards,
 )
-from agdlm.data.tokenizer import gpt2_encoding
+from agdlm.data.tokenizer import encoding_for
 from agdlm.config import ConfigError
 
 log = logging.getLogger("agdlm.data")
@@ -88,8 +88,8 @@ def _common(cfg, rank, world_size) -> dict:
     )
 
 
-def _split_tokens(docs, val_fraction: float, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    enc = gpt2_encoding()
+def _split_tokens(docs, val_fraction: float, threads: int = 1, tokenizer: str = "gpt2") -> tuple[np.ndarray, np.ndarray]:
+    enc = encoding_for(tokenizer)
     train_docs, val_docs = [], []
     for text in docs:
         (val_docs if is_validation_document(text, val_fraction) else train_docs).append(text)
@@ -126,7 +126,7 @@ def build_data(cfg, rank: int = 0, world_size: int = 1, barrier=None) -> Data:
 
     if mode == "memory":
         stream = _stream(cfg, source)
-        train_tokens, val_tokens = _split_tokens(stream.texts(), d.val_fraction, threads)
+        train_tokens, val_tokens = _split_tokens(stream.texts(), d.val_fraction, threads, d.tokenizer)
         _report_bad(stream)
         return Data(
             train=TokenBatches(train_tokens, seed=d.seed, shuffle=True, **common),
@@ -138,7 +138,7 @@ def build_data(cfg, rank: int = 0, world_size: int = 1, barrier=None) -> Data:
     val_tokens = _streaming_val_tokens(cfg, source, rank, barrier)
     train = StreamingBlocks(
         _stream(cfg, source, world_size, rank),
-        gpt2_encoding(),
+        encoding_for(d.tokenizer),
         seed=d.seed,
         shuffle_buffer=d.shuffle_buffer,
         val_fraction=d.val_fraction,
@@ -155,6 +155,11 @@ def _report_bad(stream: DocumentStream) -> None:
 
 def _prepared_data(cfg, folder: str, common: dict) -> Data:
     span = cfg.model.block_size + 1
+    meta = Path(folder) / "meta.json"
+    made_with = json.loads(meta.read_text()).get("tokenizer", "gpt2") if meta.is_file() else "gpt2"
+    if made_with != cfg.data.tokenizer:
+        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer!r}, but {meta} says the folder was tokenised "
+                          f"with {made_with!r}")
     train_files = sorted(Path(folder).glob("train_*.bin"))
     val_files = sorted(Path(folder).glob("val_*.bin"))
     if not val_files:
@@ -170,9 +175,10 @@ def _prepared_data(cfg, folder: str, common: dict) -> Data:
     )
 
 
-def collect_val_tokens(stream: DocumentStream, val_fraction: float, need_tokens: int, threads: int = 1) -> np.ndarray:
+def collect_val_tokens(stream: DocumentStream, val_fraction: float, need_tokens: int, threads: int = 1,
+                       tokenizer: str = "gpt2") -> np.ndarray:
     """The held-out documents from the head of the stream until `need_tokens` tokens."""
-    enc = gpt2_encoding()
+    enc = encoding_for(tokenizer)
     parts, have, batch = [], 0, []
     for text in stream.texts():
         if not is_validation_document(text, val_fraction):
@@ -196,12 +202,16 @@ def _streaming_val_tokens(cfg, source: str, rank: int, barrier) -> np.ndarray:
     if os.path.exists(source):
         files = [Path(source)] if os.path.isfile(source) else sorted(p for p in Path(source).rglob("*") if p.is_file())
         stamp = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    key = json.dumps([source, stamp, cfg.data.text_column, cfg.data.val_fraction, need, getattr(cfg.data, "split", "train")])
+    key = [source, stamp, cfg.data.text_column, cfg.data.val_fraction, need, getattr(cfg.data, "split", "train")]
+    if cfg.data.tokenizer != "gpt2":  # gpt2 keeps the key (and the caches) it always had
+        key.append(cfg.data.tokenizer)
+    key = json.dumps(key)
     path = cache_dir() / "val" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".bin")
 
     def collect() -> None:
         log.info("collecting %d validation tokens from %s", need, source)
-        tokens = collect_val_tokens(_stream(cfg, source), cfg.data.val_fraction, need, max(1, cfg.data.num_workers))
+        tokens = collect_val_tokens(_stream(cfg, source), cfg.data.val_fraction, need, max(1, cfg.data.num_workers),
+                                    cfg.data.tokenizer)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, tokens.astype("<u2").tobytes())
 

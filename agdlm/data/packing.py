@@ -33,11 +33,11 @@ def is_validation_document(text: str, val_fraction: float) -> bool:
     return (h / 2**64) < val_fraction
 
 
-def document_tokens(ids: list[int]) -> np.ndarray:
+def document_tokens(ids: list[int], eot: int = EOT_TOKEN) -> np.ndarray:
     """One document's ids followed by <|endoftext|>, as uint16."""
     out = np.empty(len(ids) + 1, dtype=np.uint16)
     out[:-1] = ids
-    out[-1] = EOT_TOKEN
+    out[-1] = eot
     return out
 
 
@@ -49,7 +49,7 @@ def encode_batch(encoding, texts: list[str], threads: int = 1) -> list[list[int]
 
 def tokenize_documents(docs, encoding, threads: int = 1) -> np.ndarray:
     """Concatenate each document's tokens followed by <|endoftext|>, as uint16."""
-    parts = [document_tokens(ids) for ids in encode_batch(encoding, list(docs), threads)]
+    parts = [document_tokens(ids, encoding.eot_token) for ids in encode_batch(encoding, list(docs), threads)]
     return np.concatenate(parts) if parts else np.empty(0, dtype=np.uint16)
 
 
@@ -283,7 +283,7 @@ class StreamingBlocks:
             batch = list(islice(docs, self.doc_batch))
             ids = encode_batch(self.encoding, [text for _, _, text in batch], self.threads)
             for (ep, cur, _), doc_ids in zip(batch, ids):
-                yield ep, cur, document_tokens(doc_ids)
+                yield ep, cur, document_tokens(doc_ids, self.encoding.eot_token)
 
     def _chunk_iter(self, epoch: int, cursor: Cursor, token_offset: int):
         """Chunks of `chunk_blocks` blocks, each with where the next chunk starts."""

