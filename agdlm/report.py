@@ -39,6 +39,7 @@ class RunLog:
     config: dict
     records: list[dict] = field(default_factory=list)
     done: bool = False
+    malformed_lines: list[int] = field(default_factory=list)  # metrics.jsonl lines skipped (1-based)
 
     @property
     def optimiser(self) -> str:
@@ -110,23 +111,89 @@ def count_params(model: dict) -> int | None:
 
 # ---- reading runs ---------------------------------------------------------------------
 
+class BadRun(Exception):
+    """A run folder the report cannot read: named in one line, and the report goes on."""
+
+
+class NoRuns(FileNotFoundError):
+    """Nothing to report on: no run folder among the paths, or none readable."""
+
+
+def first_line(error: Exception) -> str:
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+
+
+def read_config(path: Path) -> dict:
+    """config.yaml as a mapping of sections ({} when the folder has none)."""
+    file = path / "config.yaml"
+    if not file.is_file():
+        return {}
+    try:
+        config = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise BadRun(f"{file}: unreadable ({first_line(e)})") from None
+    if not isinstance(config, dict) or not all(isinstance(v, dict) for v in config.values()):
+        raise BadRun(f"{file}: not a mapping of sections")
+    return config
+
+
+def parse_record(raw: bytes) -> dict | None:
+    """One metrics line as a record, or None when it is not one (cut, garbage, wrong shape)."""
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except ValueError:  # not UTF-8, not JSON
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("kind"), str):
+        return None
+    if not (_finite(record.get("step")) and _finite(record.get("tokens"))):
+        return None
+    return record
+
+
+def read_metrics(path: Path) -> tuple[list[dict], list[int]]:
+    """The records of metrics.jsonl and the numbers of the lines that were not records."""
+    file = path / "metrics.jsonl"
+    try:
+        data = file.read_bytes()
+    except OSError as e:
+        raise BadRun(f"{file}: unreadable ({e.strerror})") from None
+    records, malformed = [], []
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        if raw.strip():
+            record = parse_record(raw)
+            if record is None:
+                malformed.append(number)
+            else:
+                records.append(record)
+    if malformed and not records:
+        raise BadRun(f"{file}: no readable record ({len(malformed)} malformed line(s))")
+    return records, malformed
+
+
 def read_run(path: Path) -> RunLog:
+    """A run folder as a RunLog; BadRun (one line naming the file) when it cannot be read."""
     path = Path(path)
-    config = {}
-    if (path / "config.yaml").is_file():
-        config = yaml.safe_load((path / "config.yaml").read_text()) or {}
-    records = []
-    for line in (path / "metrics.jsonl").read_text().splitlines():
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut by a crash
-                continue
-    name = config.get("train", {}).get("run_name") or path.name
-    return RunLog(name, path, config, records, (path / "DONE").is_file())
+    config = read_config(path)
+    records, malformed = read_metrics(path)
+    name = str(config.get("train", {}).get("run_name") or path.name)
+    run = RunLog(name, path, config, records, (path / "DONE").is_file(), malformed)
+    try:  # every config value the report reads, read once here, so a bad one names its file
+        sort_key(run)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise BadRun(f"{path / 'config.yaml'}: cannot read the run's settings ({type(e).__name__}: {e})") from None
+    return run
 
 
-def find_runs(paths: list[str | Path]) -> list[RunLog]:
+def malformed_warning(run: RunLog) -> str | None:
+    lines = run.malformed_lines
+    if not lines:
+        return None
+    shown = ", ".join(map(str, lines[:5])) + (", ..." if len(lines) > 5 else "")
+    return f"{run.path / 'metrics.jsonl'}: skipped {len(lines)} malformed line(s) (line {shown})"
+
+
+def read_runs(paths: list[str | Path]) -> tuple[list[RunLog], list[str]]:
+    """The runs under `paths`, sorted, and one warning line per run that was skipped or partly read."""
     run_dirs: list[Path] = []
     for p in map(Path, paths):
         if (p / "metrics.jsonl").is_file():
@@ -134,13 +201,24 @@ def find_runs(paths: list[str | Path]) -> list[RunLog]:
         elif p.is_dir():
             run_dirs += sorted(d for d in p.iterdir() if (d / "metrics.jsonl").is_file())
         else:
-            raise FileNotFoundError(f"{p}: not a run folder (with metrics.jsonl) nor a folder of runs")
-    seen, runs = set(), []
+            raise NoRuns(f"{p}: not a run folder (with metrics.jsonl) nor a folder of runs")
+    seen, runs, warnings = set(), [], []
     for d in run_dirs:
-        if d.resolve() not in seen:
-            seen.add(d.resolve())
-            runs.append(read_run(d))
-    return sorted(runs, key=sort_key)
+        if d.resolve() in seen:
+            continue
+        seen.add(d.resolve())
+        try:
+            run = read_run(d)
+        except BadRun as e:
+            warnings.append(f"skipped run {d}: {e}")
+            continue
+        runs.append(run)
+        warnings += filter(None, [malformed_warning(run)])
+    return sorted(runs, key=sort_key), warnings
+
+
+def find_runs(paths: list[str | Path]) -> list[RunLog]:
+    return read_runs(paths)[0]
 
 
 def sort_key(run: RunLog):
@@ -308,7 +386,8 @@ def plot_agd_eta(runs: list[RunLog], path: Path) -> bool:
         tr = [t for t in r.trains() if _finite(t.get("agd_eta"))]
         colour = colours[size_label(r, agd)]
         ax_eta.plot([t["step"] for t in tr], [t["agd_eta"] for t in tr], color=colour, label=r.name)
-        ax_g.plot([t["step"] for t in tr], [t.get("agd_G", math.nan) for t in tr], color=colour, label=r.name)
+        ax_g.plot([t["step"] for t in tr], [t["agd_G"] if _finite(t.get("agd_G")) else math.nan for t in tr],
+                  color=colour, label=r.name)
     ax_eta.set_title("AGD step size eta")
     ax_g.set_title("AGD G (gradient summary)")
     for ax in (ax_eta, ax_g):
@@ -333,10 +412,12 @@ PLOTS = {
 
 
 def build_report(paths: list[str | Path], out: str | Path, title: str | None = None) -> dict:
-    """Write the report folder; returns {"runs", "table", "plots", "report"}."""
-    runs = find_runs(paths)
+    """Write the report folder; returns {"runs", "table", "plots", "report", "warnings"}.
+    A run that cannot be read is left out with a warning; none readable is NoRuns."""
+    runs, warnings = read_runs(paths)
     if not runs:
-        raise FileNotFoundError(f"no runs (folders with metrics.jsonl) in {', '.join(map(str, paths))}")
+        found = f" ({'; '.join(warnings)})" if warnings else ""
+        raise NoRuns(f"no readable runs (folders with metrics.jsonl) in {', '.join(map(str, paths))}{found}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plots = [name for name, (fn, _) in PLOTS.items() if fn(runs, out / name)]
@@ -354,6 +435,8 @@ def build_report(paths: list[str | Path], out: str | Path, title: str | None = N
              "tokens: tokens seen at the last record. tokens/s: median over logged intervals."]
     if unfinished:
         lines += ["", f"\\* not finished (no DONE marker): {', '.join(unfinished)}."]
+    if warnings:
+        lines += ["", "Skipped or partly read:", ""] + [f"- {w}" for w in warnings]
     for name in plots:
         lines += ["", f"## {PLOTS[name][1]}", "", f"![{PLOTS[name][1]}]({name})"]
     missing = [PLOTS[n][1] for n in PLOTS if n not in plots]
@@ -361,7 +444,7 @@ def build_report(paths: list[str | Path], out: str | Path, title: str | None = N
         lines += ["", "Not drawn (no data for them in these runs): " + "; ".join(missing) + "."]
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
-    return {"runs": runs, "table": table, "plots": [out / p for p in plots], "report": report}
+    return {"runs": runs, "table": table, "plots": [out / p for p in plots], "report": report, "warnings": warnings}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -375,9 +458,14 @@ def main(argv: list[str] | None = None) -> int:
                        (Path(args.paths[0]) / "metrics.jsonl").is_file() else "report")
     try:
         result = build_report(args.paths, out, args.title)
-    except FileNotFoundError as e:
+    except NoRuns as e:
         print(f"agdlm report: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the output folder: absent parent that cannot be made, a file, no permission
+        print(f"agdlm report: cannot write the report to {out}: {e.strerror or e} ({e.filename or out})", file=sys.stderr)
+        return 2
+    for warning in result["warnings"]:
+        print(f"agdlm report: warning: {warning}", file=sys.stderr)
     print(result["table"])
     print(f"\nwrote {result['report']} with {len(result['plots'])} plot(s): "
           + ", ".join(str(p) for p in result["plots"]))

@@ -27,6 +27,10 @@ learning rate. Every run gets train.run_name = its name, train.out_dir = <out_di
 name>, log.group = the sweep name and log.tags = one `axis=variant` tag per axis. Extra
 `section.key=value` arguments apply to every run (after `set`, before the axes). A run whose
 folder holds DONE is finished and skipped.
+
+Every value written into a printed command or an emitted script is quoted for the line it
+lands on (bash for commands, Slurm's own rules for #SBATCH lines); a value an #SBATCH line
+cannot hold (a newline, any control character) is refused with one line naming its key.
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ class Sweep:
     runs: list[Run]
     out_dir: Path  # the sweep's folder: every run dir is <out_dir>/<run name>
     common: list[str] = field(default_factory=list)  # overrides every run shares
+    out_dir_key: str = "train.out_dir"  # where out_dir came from, for error messages
 
 
 # ---- reading a sweep file -------------------------------------------------------------
@@ -180,6 +185,9 @@ def expand_axis(axis: str, spec: Any) -> list[tuple[str, dict[str, Any]]]:
         template = spec.get("name", f"{axis}{{value}}")
         extra = flatten_overrides(f"{where}.set", spec.get("set"))
         flatten_overrides(where, {spec["key"]: None})  # check the key
+        if not isinstance(spec["values"], list) or not spec["values"]:
+            raise ConfigError(f"{where}.values: expected a non-empty list of values for {spec['key']}, "
+                              f"got {spec['values']!r}")
         return [
             (fill_name(template, {"value": v, spec["key"]: v, **extra}, where), {**extra, spec["key"]: v})
             for v in spec["values"]
@@ -216,7 +224,9 @@ def load_sweep(path: str | Path, extra_overrides: list[str] | None = None, out_d
         raise ConfigError(f"{path}: sweep name {name!r} must be letters, digits and . _ = + - only")
 
     configs = raw.get("configs") or []
-    configs = [configs] if isinstance(configs, str) else list(configs)
+    configs = [configs] if isinstance(configs, str) else configs
+    if not isinstance(configs, list) or not all(isinstance(c, str) for c in configs):
+        raise ConfigError(f"{path}: configs: expected a config file name or a list of them, got {configs!r}")
     resolved_configs = []
     for c in configs:
         found = resolve_config_path(c, path.parent)
@@ -257,7 +267,7 @@ def load_sweep(path: str | Path, extra_overrides: list[str] | None = None, out_d
             f"log.tags={format_value(tags)}",
         ]
         runs.append(Run(run_name, resolved_configs, overrides, axis_names, sweep_dir / run_name, varied))
-    sweep = Sweep(name, path, runs, sweep_dir, common)
+    sweep = Sweep(name, path, runs, sweep_dir, common, "--out-dir" if out_dir is not None else "train.out_dir")
     for run in runs:  # every run's config must be valid before anything starts
         try:
             run.config()
@@ -285,28 +295,82 @@ def shell_line(cmd: list[str]) -> str:
     return " ".join(shlex.quote(c) for c in cmd)
 
 
+class ShellText(str):
+    """Shell text written into a script as it is (a `$VAR` the script expands), not quoted."""
+
+
+def script_line(words: list[str]) -> str:
+    """Words for bash: every value quoted, ShellText as written (it is ours, never a user's)."""
+    return " ".join(w if isinstance(w, ShellText) else shlex.quote(w) for w in words)
+
+
+# Slurm reads `#SBATCH` lines with its own rules, not bash's: double quotes group, a backslash
+# escapes the next character, an unescaped `#` ends the line, single quotes are literal. A line
+# ends at a newline, so a value holding one (or any control character) cannot be written.
+SLURM_BARE = re.compile(r"^[A-Za-z0-9_@%+=:,./-]+$")
+
+
+def slurm_directive_value(key: str, value: str) -> str:
+    """`value` as (part of) one argument of an #SBATCH line; ConfigError naming `key` if it cannot be."""
+    bad = sorted({c for c in value if ord(c) < 32 or ord(c) == 127})
+    if bad:
+        raise ConfigError(f"{key}: {value!r} cannot be written into an #SBATCH line (it holds "
+                          f"{', '.join(repr(c) for c in bad)}); choose a value without it")
+    if SLURM_BARE.match(value):
+        return value
+    return '"' + re.sub(r'([\\"#])', r"\\\1", value) + '"'
+
+
+def comment_text(value: str) -> str:
+    """A value shown in a `#` comment: control characters escaped so the comment stays one line."""
+    return "".join(c if 32 <= ord(c) != 127 else repr(c)[1:-1] for c in value)
+
+
+def slurm_directives(sweep: Sweep, runs: list[Run], *, gpus_per_node: int, nodes: int, time: str,
+                     cpus_per_task: int | None, max_parallel: int | None, sbatch: list[str]) -> list[str]:
+    array = f"0-{len(runs) - 1}" + (f"%{max_parallel}" if max_parallel else "")
+    options = [  # (the key a value comes from, the option, the value)
+        ("sweep name", "--job-name=", sweep.name),
+        ("--max-parallel", "--array=", array),
+        ("--nnodes", "--nodes=", str(nodes)),
+        ("", "--ntasks-per-node=", "1"),
+        ("--nproc-per-node", "--gpus-per-node=", str(gpus_per_node)),
+        ("--time", "--time=", time),
+        (sweep.out_dir_key, "--output=", f"{sweep.out_dir / 'slurm'}/%x-%A_%a.out"),
+    ]
+    if cpus_per_task:
+        options.append(("--cpus-per-task", "--cpus-per-task=", str(cpus_per_task)))
+    lines = [f"#SBATCH {option}{slurm_directive_value(key, value)}" for key, option, value in options]
+    for opt in sbatch:  # the operator's words, e.g. `--partition gpu`: each quoted for Slurm
+        slurm_directive_value("--sbatch", opt)  # shlex.split would take a newline for a space
+        try:
+            words = shlex.split(opt)
+        except ValueError as e:
+            raise ConfigError(f"--sbatch {opt!r}: {e}") from None
+        lines.append("#SBATCH " + " ".join(slurm_directive_value("--sbatch", w) for w in words))
+    return lines
+
+
+def srun_line(run: Run, gpus_per_node: int) -> str:
+    """The array task's command: torchrun across the allocation, rendezvous on its first node."""
+    words = ["srun", "torchrun", ShellText('--nnodes="$SLURM_NNODES"'), f"--nproc_per_node={gpus_per_node}",
+             "--rdzv_backend=c10d", ShellText('--rdzv_endpoint="$head_node:$MASTER_PORT"'),
+             "-m", "agdlm", "train", *run.train_args()]
+    return script_line(words)
+
+
 def slurm_script(sweep: Sweep, runs: list[Run], *, gpus_per_node: int = 1, nodes: int = 1, time: str = "24:00:00",
                  cpus_per_task: int | None = None, max_parallel: int | None = None,
                  sbatch: list[str] | None = None, setup: str | None = None) -> str:
     """A Slurm array script: task i runs runs[i]. One node per task; with several nodes the
-    rendezvous is the first node of the allocation."""
-    array = f"0-{len(runs) - 1}" + (f"%{max_parallel}" if max_parallel else "")
-    log_dir = sweep.out_dir / "slurm"
-    lines = [
-        "#!/bin/bash",
-        f"#SBATCH --job-name={sweep.name}",
-        f"#SBATCH --array={array}",
-        f"#SBATCH --nodes={nodes}",
-        "#SBATCH --ntasks-per-node=1",
-        f"#SBATCH --gpus-per-node={gpus_per_node}",
-        f"#SBATCH --time={time}",
-        f"#SBATCH --output={log_dir}/%x-%A_%a.out",
-    ]
-    if cpus_per_task:
-        lines.append(f"#SBATCH --cpus-per-task={cpus_per_task}")
-    lines += [f"#SBATCH {opt}" for opt in sbatch or []]
+    rendezvous is the first node of the allocation. Every value is quoted for the line it is
+    on; `setup` is the operator's own shell code and is written as given. Raises ConfigError
+    (naming the key) for a value an #SBATCH line cannot hold."""
+    lines = ["#!/bin/bash"]
+    lines += slurm_directives(sweep, runs, gpus_per_node=gpus_per_node, nodes=nodes, time=time,
+                              cpus_per_task=cpus_per_task, max_parallel=max_parallel, sbatch=sbatch or [])
     lines += [
-        f"# agdlm sweep {sweep.path}: {len(runs)} run(s); a run whose folder holds DONE exits at once.",
+        f"# agdlm sweep {comment_text(str(sweep.path))}: {len(runs)} run(s); a run whose folder holds DONE exits at once.",
         "set -euo pipefail",
         f"cd {shlex.quote(str(Path.cwd()))}  # where `agdlm sweep` ran: relative paths start here",
     ]
@@ -318,11 +382,8 @@ def slurm_script(sweep: Sweep, runs: list[Run], *, gpus_per_node: int = 1, nodes
         'case "$SLURM_ARRAY_TASK_ID" in',
     ]
     for i, run in enumerate(runs):
-        cmd = torchrun_command(run, gpus_per_node, "$SLURM_NNODES", rdzv="__RDZV__")
-        line = shell_line(cmd).replace(shlex.quote("--nnodes=$SLURM_NNODES"), '--nnodes="$SLURM_NNODES"')
-        line = line.replace("--rdzv_endpoint=__RDZV__", '--rdzv_endpoint="$head_node:$MASTER_PORT"')
-        lines.append(f"  {i}) # {run.name}")
-        lines.append(f"    srun {line} ;;")
+        lines.append(f"  {i}) # {comment_text(run.name)}")
+        lines.append(f"    {srun_line(run, gpus_per_node)} ;;")
     lines += [
         '  *) echo "no run for array task $SLURM_ARRAY_TASK_ID" >&2; exit 1 ;;',
         "esac",
@@ -374,12 +435,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def one_line(error: Exception) -> str:
+    """An error's message on one line (YAML errors span several)."""
+    text = f"{error.filename}: {error.strerror}" if isinstance(error, OSError) and error.filename else str(error)
+    return "; ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def whole_number(option: str, value: Any) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{option} {value!r}: a Slurm script needs a whole number here") from None
+
+
+def write_script(path: Path, script: str, log_dir: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(script)
+    log_dir.mkdir(parents=True, exist_ok=True)  # sbatch --output needs it to exist
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         sweep = load_sweep(args.sweep, args.overrides, args.out_dir)
-    except ConfigError as e:
-        print(f"agdlm sweep: {e}", file=sys.stderr)
+    except (ConfigError, OSError, UnicodeDecodeError) as e:
+        print(f"agdlm sweep: {one_line(e)}", file=sys.stderr)
         return 2
     runs = sweep.runs
     if args.only:
@@ -402,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     selected = runs if args.all else pending
     skipped_note = f"# {len(done)} finished run(s) skipped (DONE): {', '.join(r.name for r in done)}" if done and not args.all else None
     if args.emit == "torchrun":
-        print(f"# agdlm sweep {sweep.path}: {len(selected)} run(s) in {sweep.out_dir}")
+        print(f"# agdlm sweep {comment_text(str(sweep.path))}: {len(selected)} run(s) in {comment_text(str(sweep.out_dir))}")
         if skipped_note:
             print(skipped_note)
         for r in selected:
@@ -412,13 +492,19 @@ def main(argv: list[str] | None = None) -> int:
         if not selected:
             print(f"agdlm sweep: all {len(runs)} run(s) of {sweep.name} are finished; no script written")
             return 0
-        script = slurm_script(sweep, selected, gpus_per_node=int(args.nproc_per_node), nodes=int(args.nnodes),
-                              time=args.time, cpus_per_task=args.cpus_per_task, max_parallel=args.max_parallel,
-                              sbatch=args.sbatch, setup=args.setup)
         out = Path(args.output) if args.output else sweep.out_dir / "sweep.sbatch"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        (sweep.out_dir / "slurm").mkdir(parents=True, exist_ok=True)  # sbatch --output needs it to exist
-        out.write_text(script)
+        try:
+            script = slurm_script(sweep, selected, gpus_per_node=whole_number("--nproc-per-node", args.nproc_per_node),
+                                  nodes=whole_number("--nnodes", args.nnodes), time=args.time,
+                                  cpus_per_task=args.cpus_per_task, max_parallel=args.max_parallel,
+                                  sbatch=args.sbatch, setup=args.setup)
+            write_script(out, script, sweep.out_dir / "slurm")
+        except ConfigError as e:
+            print(f"agdlm sweep: {one_line(e)}", file=sys.stderr)
+            return 2
+        except OSError as e:
+            print(f"agdlm sweep: cannot write the Slurm script {out}: {one_line(e)}", file=sys.stderr)
+            return 2
         print(f"wrote {out}: {len(selected)} array task(s); submit with `sbatch {out}`")
         if skipped_note:
             print(skipped_note)
