@@ -8,6 +8,11 @@ Reads each run's config.yaml and metrics.jsonl and writes a self-contained folde
     lr_transfer.png           final val loss against AdamW's learning rate, one line per width,
                               AGD (no learning rate) as a horizontal line in the width's colour
     agd_eta.png               AGD's step size eta and G over steps
+    agd_vs_adamw.csv          per cell (width, layers, batch, tokenizer, block size, tokens), AGD
+                              setting and seed: AGD's final val loss / the best AdamW's over its
+                              learning rates (the same table, averaged over seeds, is in report.md)
+    agd_roles.png, .csv       per role (embedding, head, attention, ...): share of G, update size
+                              ||dW||/||W||, weight growth ||W||/||W0||, for one run per AGD setting
 
 A folder that holds metrics.jsonl is a run; any other folder is searched (one level) for runs.
 """
@@ -30,6 +35,17 @@ from agdlm.sweep import short_number
 DPI = 90
 OPTIMISER_LABEL = {"agd": "AGD", "adamw": "AdamW"}
 LINESTYLES = ["-", "--", "-.", ":", (0, (3, 1, 1, 1, 1, 1)), (0, (5, 2)), (0, (1, 2))]
+
+
+@dataclass(frozen=True, order=True)
+class Cell:
+    """One experiment of a study grid: runs in a cell differ only in optimiser settings and seed."""
+    width: int
+    depth: int
+    tokenizer: str
+    batch: int  # sequences per optimiser step (train.global_batch_size)
+    block_size: int
+    tokens: int  # planned: train.max_tokens, or max_steps x batch x block_size
 
 
 @dataclass
@@ -60,6 +76,27 @@ class RunLog:
     @property
     def seed(self) -> int:
         return int(self.config.get("train", {}).get("seed", 0))
+
+    @property
+    def agd_label(self) -> str | None:
+        """AGD's setting as one name: policy, +variant unless faithful, gain unless 1."""
+        if self.optimiser != "agd":
+            return None
+        optim = self.config.get("optim", {})
+        label = str(optim.get("policy", "default"))
+        if str(optim.get("variant", "none")) != "none":
+            label += f"+{optim['variant']}"
+        gain = float(optim.get("gain", 1.0))
+        return label + (f" gain {short_number(gain)}" if gain != 1.0 else "")
+
+    @property
+    def cell(self) -> Cell:
+        """Everything that defines the experiment except the optimiser's settings and the seed."""
+        model, data, train = (self.config.get(k, {}) for k in ("model", "data", "train"))
+        batch, block = int(train.get("global_batch_size", 0)), int(model.get("block_size", 0))
+        max_tokens = train.get("max_tokens")
+        planned = int(max_tokens) if max_tokens is not None else int(train.get("max_steps", 0)) * batch * block
+        return Cell(self.width, self.depth, str(data.get("tokenizer", "gpt2")), batch, block, planned)
 
     def evals(self) -> list[dict]:
         return [r for r in self.records if r.get("kind") == "eval" and _finite(r.get("val_loss"))]
@@ -178,7 +215,7 @@ def read_run(path: Path) -> RunLog:
     name = str(config.get("train", {}).get("run_name") or path.name)
     run = RunLog(name, path, config, records, (path / "DONE").is_file(), malformed)
     try:  # every config value the report reads, read once here, so a bad one names its file
-        sort_key(run)
+        sort_key(run), run.cell, run.agd_label
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise BadRun(f"{path / 'config.yaml'}: cannot read the run's settings ({type(e).__name__}: {e})") from None
     return run
@@ -402,30 +439,237 @@ def plot_agd_eta(runs: list[RunLog], path: Path) -> bool:
     return True
 
 
+# ---- AGD against the best AdamW: the ratio table -----------------------------------------
+
+@dataclass
+class CellRatios:
+    """One cell: per seed the best AdamW run (lowest final val loss over its learning rates),
+    and per AGD label and seed that AGD run's final val loss divided by the best AdamW's."""
+    cell: Cell
+    best_adamw: dict[int, RunLog]  # seed -> run
+    agd: dict[str, dict[int, RunLog]]  # label -> seed -> run
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted(self.best_adamw)
+
+    def ratio(self, label: str, seed: int) -> float | None:
+        run = self.agd.get(label, {}).get(seed)
+        return run.final_val_loss / self.best_adamw[seed].final_val_loss if run and seed in self.best_adamw else None
+
+    def mean_ratio(self, label: str) -> float | None:
+        ratios = [x for x in (self.ratio(label, s) for s in self.seeds) if x is not None]
+        return statistics.mean(ratios) if ratios else None
+
+
+def ratio_cells(runs: list[RunLog]) -> list[CellRatios]:
+    """Cells holding both AGD and AdamW runs of a common seed; finished runs only (a killed or
+    diverged run has no final loss to compare)."""
+    by_cell: dict[Cell, list[RunLog]] = {}
+    for r in runs:
+        if r.done and r.final_val_loss is not None:
+            by_cell.setdefault(r.cell, []).append(r)
+    cells = []
+    for cell in sorted(by_cell):
+        best: dict[int, RunLog] = {}
+        for r in (r for r in by_cell[cell] if r.optimiser == "adamw"):
+            if r.seed not in best or r.final_val_loss < best[r.seed].final_val_loss:
+                best[r.seed] = r
+        agd: dict[str, dict[int, RunLog]] = {}
+        for r in (r for r in by_cell[cell] if r.optimiser == "agd" and r.seed in best):
+            agd.setdefault(r.agd_label, {})[r.seed] = r
+        if agd:
+            cells.append(CellRatios(cell, best, agd))
+    return cells
+
+
+def agd_labels(cells: list[CellRatios]) -> list[str]:
+    labels = {label for c in cells for label in c.agd}
+    return sorted(labels, key=lambda lab: (lab != "default", lab))  # the faithful default first
+
+
+def ratio_text(cell: CellRatios, label: str) -> str:
+    """`1.083 (1.080, 1.086)`: the mean over seeds, then each seed's ratio in seed order."""
+    mean = cell.mean_ratio(label)
+    if mean is None:
+        return ""
+    per_seed = [cell.ratio(label, s) for s in cell.seeds]
+    if len(per_seed) == 1:
+        return f"{mean:.3f} (seed {cell.seeds[0]} only)"
+    return f"{mean:.3f} (" + ", ".join(f"{x:.3f}" if x is not None else "-" for x in per_seed) + ")"
+
+
+def best_adamw_text(cell: CellRatios) -> str:
+    return "; ".join(f"s{s}: {cell.best_adamw[s].final_val_loss:.4f} @ {short_number(cell.best_adamw[s].lr)}"
+                     for s in cell.seeds)
+
+
+def ratio_markdown(cells: list[CellRatios]) -> str:
+    labels = agd_labels(cells)
+    head = ["width", "layers", "batch", "tokenizer", "tokens", *(f"AGD {lab}" for lab in labels),
+            "best AdamW (final val loss @ lr, per seed)"]
+    lines = ["| " + " | ".join(head) + " |",
+             "|" + "|".join(["---:"] * 3 + ["---"] + ["---:"] * (1 + len(labels)) + ["---"]) + "|"]
+    for c in cells:
+        cell = c.cell
+        row = [str(cell.width), str(cell.depth), str(cell.batch), cell.tokenizer, fmt_count(cell.tokens),
+               *(ratio_text(c, lab) for lab in labels), best_adamw_text(c)]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def write_ratio_csv(cells: list[CellRatios], path: Path) -> None:
+    """One row per cell, AGD label and seed: the two runs and their ratio."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["n_embd", "n_layer", "tokenizer", "global_batch_size", "block_size", "tokens", "agd", "seed",
+                    "agd_run", "agd_final_val_loss", "adamw_run", "adamw_lr", "adamw_final_val_loss", "ratio"])
+        for c in cells:
+            for label in agd_labels([c]):
+                for seed, run in sorted(c.agd[label].items()):
+                    adamw = c.best_adamw[seed]
+                    w.writerow([c.cell.width, c.cell.depth, c.cell.tokenizer, c.cell.batch, c.cell.block_size,
+                                c.cell.tokens, label, seed, run.name, run.final_val_loss, adamw.name, adamw.lr,
+                                adamw.final_val_loss, c.ratio(label, seed)])
+
+
+# ---- AGD diagnostics per role ---------------------------------------------------------
+
+ROLE_METRICS = {  # metrics.jsonl prefix -> what it measures
+    "agd_share": "share of G",
+    "agd_rel_update": "update size ‖dW‖/‖W‖",
+    "agd_weight_ratio": "weight growth ‖W‖/‖W0‖",
+}
+
+
+def role_series(run: RunLog, metric: str) -> dict[str, tuple[list[float], list[float]]]:
+    """role -> (tokens, values) of `metric/<role>` over the run's train records (roles in log order)."""
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    prefix = metric + "/"
+    for record in run.trains():
+        for key, value in record.items():
+            if key.startswith(prefix) and _finite(value):
+                tokens, values = series.setdefault(key[len(prefix):], ([], []))
+                tokens.append(record["tokens"])
+                values.append(value)
+    return series
+
+
+def representative_agd_runs(runs: list[RunLog]) -> dict[str, RunLog]:
+    """One AGD run per label that logged per-role metrics: the widest (then deepest) cell, lowest seed."""
+    chosen: dict[str, RunLog] = {}
+    for r in runs:
+        if r.optimiser != "agd" or not role_series(r, "agd_share"):
+            continue
+        key = (-r.width, -r.depth, r.seed, r.name)
+        current = chosen.get(r.agd_label)
+        if current is None or key < (-current.width, -current.depth, current.seed, current.name):
+            chosen[r.agd_label] = r
+    return dict(sorted(chosen.items(), key=lambda item: (item[0] != "default", item[0])))
+
+
+def logged_role_metrics(chosen: dict[str, RunLog]) -> list[str]:
+    """The per-role metrics some chosen run logged (older runs lack agd_weight_ratio)."""
+    return [m for m in ROLE_METRICS if any(role_series(r, m) for r in chosen.values())]
+
+
+def plot_agd_roles(runs: list[RunLog], path: Path) -> bool:
+    chosen = representative_agd_runs(runs)
+    if not chosen:
+        return False
+    metrics = logged_role_metrics(chosen)
+    plt = _pyplot()
+    roles = list(dict.fromkeys(role for r in chosen.values() for m in metrics for role in role_series(r, m)))
+    cmap = plt.get_cmap("tab10" if len(roles) <= 10 else "tab20")
+    colour = {role: cmap(i % cmap.N) for i, role in enumerate(roles)}
+    fig, axes = plt.subplots(len(chosen), len(metrics), figsize=(4.6 * len(metrics), 3.4 * len(chosen)),
+                             squeeze=False)
+    for row, (label, run) in zip(axes, chosen.items()):
+        for ax, metric in zip(row, metrics):
+            for role, (tokens, values) in role_series(run, metric).items():
+                ax.plot(tokens, values, color=colour[role], linewidth=1.3, label=role,
+                        marker="." if len(values) < 30 else None)
+            if metric == "agd_rel_update" and ax.lines:
+                ax.set_yscale("log")  # update sizes span decades across roles
+            ax.set_title(f"AGD {label}: {ROLE_METRICS[metric]}\n{run.name}", fontsize=8)
+            ax.set_xlabel("tokens seen")
+            ax.grid(alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=6)
+            else:
+                ax.text(0.5, 0.5, "not logged by this run", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return True
+
+
+def role_final_rows(runs: list[RunLog]) -> list[dict]:
+    """Per AGD label and role: the last logged value of each per-role metric (None if not logged)."""
+    chosen = representative_agd_runs(runs)
+    metrics = logged_role_metrics(chosen)
+    rows = []
+    for label, run in chosen.items():
+        finals = {m: {role: values[-1] for role, (_, values) in role_series(run, m).items()} for m in metrics}
+        for role in dict.fromkeys(role for m in metrics for role in finals[m]):
+            rows.append({"agd": label, "run": run.name, "role": role,
+                         **{m: finals[m].get(role) for m in metrics}})
+    return rows
+
+
+def role_markdown(rows: list[dict]) -> str:
+    metrics = [m for m in ROLE_METRICS if m in rows[0]]
+    lines = ["| AGD | run | role | " + " | ".join(ROLE_METRICS[m] for m in metrics) + " |",
+             "|---|---|---|" + "---:|" * len(metrics)]
+    for row in rows:
+        values = ["-" if row[m] is None else f"{row[m]:.4g}" for m in metrics]
+        lines.append(f"| {row['agd']} | {row['run']} | {row['role']} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
+def write_role_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
 # ---- the report -----------------------------------------------------------------------
 
 PLOTS = {
     "val_loss_vs_tokens.png": (plot_val_loss, "Validation loss against tokens seen"),
     "lr_transfer.png": (plot_lr_transfer, "Final validation loss against AdamW's learning rate (AGD: dashed)"),
     "agd_eta.png": (plot_agd_eta, "AGD's step size eta and G over steps"),
+    "agd_roles.png": (plot_agd_roles, "AGD diagnostics per role: share of G, update size, weight growth"),
 }
 
+RATIO_NOTE = (
+    "Each value: AGD's final val loss divided by the best AdamW's (lowest final val loss over its learning "
+    "rates) of the same cell and seed, averaged over seeds, then each seed's ratio in seed order. Below 1: "
+    "AGD is better. A cell is width, layers, batch (sequences per step), tokenizer, block size and planned "
+    "tokens; finished runs only.")
+ROLES_NOTE = (
+    "One AGD run per setting (the widest cell, lowest seed); final logged values. share of G: the role's part "
+    "of AGD's gradient summary G. update size: ‖dW‖_F / ‖W‖_F of the last step. weight growth: "
+    "‖W‖_F / ‖W0‖_F (not logged by older runs).")
 
-def build_report(paths: list[str | Path], out: str | Path, title: str | None = None) -> dict:
-    """Write the report folder; returns {"runs", "table", "plots", "report", "warnings"}.
-    A run that cannot be read is left out with a warning; none readable is NoRuns."""
-    runs, warnings = read_runs(paths)
-    if not runs:
-        found = f" ({'; '.join(warnings)})" if warnings else ""
-        raise NoRuns(f"no readable runs (folders with metrics.jsonl) in {', '.join(map(str, paths))}{found}")
-    out = Path(out)
+
+def write_outputs(runs: list[RunLog], out: Path) -> dict:
+    """Every file of the report folder but report.md; what report.md needs to embed them."""
     out.mkdir(parents=True, exist_ok=True)
     plots = [name for name, (fn, _) in PLOTS.items() if fn(runs, out / name)]
-    table = markdown_table(table_rows(runs))
     write_csv(runs, out / "runs.csv")
+    cells = ratio_cells(runs)
+    if cells:
+        write_ratio_csv(cells, out / "agd_vs_adamw.csv")
+    roles = role_final_rows(runs)
+    if roles:
+        write_role_csv(roles, out / "agd_roles.csv")
+    return {"plots": plots, "ratio_table": ratio_markdown(cells) if cells else None,
+            "roles_table": role_markdown(roles) if roles else None}
 
-    groups = sorted({str(r.config.get("log", {}).get("group")) for r in runs if r.config.get("log", {}).get("group")})
-    title = title or f"agdlm report: {', '.join(groups) if groups else ', '.join(str(p) for p in paths)}"
+
+def report_lines(runs: list[RunLog], paths: list, title: str, table: str, written: dict, warnings: list[str]) -> list[str]:
     unfinished = [r.name for r in runs if not r.done]
     lines = [f"# {title}", "",
              f"{len(runs)} run(s) from {', '.join(f'`{p}`' for p in paths)}; written by `agdlm report` "
@@ -437,14 +681,36 @@ def build_report(paths: list[str | Path], out: str | Path, title: str | None = N
         lines += ["", f"\\* not finished (no DONE marker): {', '.join(unfinished)}."]
     if warnings:
         lines += ["", "Skipped or partly read:", ""] + [f"- {w}" for w in warnings]
-    for name in plots:
+    if written["ratio_table"]:
+        lines += ["", "## AGD against the best-tuned AdamW (final val loss ratio)", "", written["ratio_table"], "",
+                  RATIO_NOTE + " Per seed: agd_vs_adamw.csv."]
+    for name in written["plots"]:
         lines += ["", f"## {PLOTS[name][1]}", "", f"![{PLOTS[name][1]}]({name})"]
-    missing = [PLOTS[n][1] for n in PLOTS if n not in plots]
+        if name == "agd_roles.png" and written["roles_table"]:
+            lines += ["", written["roles_table"], "", ROLES_NOTE]
+    missing = [PLOTS[n][1] for n in PLOTS if n not in written["plots"]]
     if missing:
         lines += ["", "Not drawn (no data for them in these runs): " + "; ".join(missing) + "."]
+    return lines
+
+
+def build_report(paths: list[str | Path], out: str | Path, title: str | None = None) -> dict:
+    """Write the report folder; returns {"runs", "table", "ratio_table", "roles_table", "plots",
+    "report", "warnings"}. A run that cannot be read is left out with a warning; none readable
+    is NoRuns."""
+    runs, warnings = read_runs(paths)
+    if not runs:
+        found = f" ({'; '.join(warnings)})" if warnings else ""
+        raise NoRuns(f"no readable runs (folders with metrics.jsonl) in {', '.join(map(str, paths))}{found}")
+    out = Path(out)
+    written = write_outputs(runs, out)
+    table = markdown_table(table_rows(runs))
+    groups = sorted({str(r.config.get("log", {}).get("group")) for r in runs if r.config.get("log", {}).get("group")})
+    title = title or f"agdlm report: {', '.join(groups) if groups else ', '.join(str(p) for p in paths)}"
     report = out / "report.md"
-    report.write_text("\n".join(lines) + "\n")
-    return {"runs": runs, "table": table, "plots": [out / p for p in plots], "report": report, "warnings": warnings}
+    report.write_text("\n".join(report_lines(runs, paths, title, table, written, warnings)) + "\n")
+    return {"runs": runs, "table": table, "ratio_table": written["ratio_table"], "roles_table": written["roles_table"],
+            "plots": [out / p for p in written["plots"]], "report": report, "warnings": warnings}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -467,6 +733,9 @@ def main(argv: list[str] | None = None) -> int:
     for warning in result["warnings"]:
         print(f"agdlm report: warning: {warning}", file=sys.stderr)
     print(result["table"])
+    if result["ratio_table"]:
+        print("\nAGD final val loss / best AdamW's (same cell and seed; mean (per seed)):")
+        print(result["ratio_table"])
     print(f"\nwrote {result['report']} with {len(result['plots'])} plot(s): "
           + ", ".join(str(p) for p in result["plots"]))
     return 0

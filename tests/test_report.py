@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import yaml
 
 from agdlm.config import config_to_yaml, load_config
 from agdlm.report import build_report, find_runs, main
@@ -59,7 +60,7 @@ def test_report_has_every_plot_and_the_table(sweep_dir, tmp_path):
     out = tmp_path / "report"
     result = build_report([sweep_dir], out)
     names = sorted(p.name for p in result["plots"])
-    assert names == ["agd_eta.png", "lr_transfer.png", "val_loss_vs_tokens.png"]
+    assert names == ["agd_eta.png", "agd_roles.png", "lr_transfer.png", "val_loss_vs_tokens.png"]
     for p in result["plots"]:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
     md = (out / "report.md").read_text()
@@ -67,10 +68,11 @@ def test_report_has_every_plot_and_the_table(sweep_dir, tmp_path):
         assert f"]({name})" in md  # embedded by a relative link: the folder is self-contained
     header = "| run | optimiser | lr | params | tokens | final val loss | best val loss | tokens/s |"
     assert header in md
-    rows = {line.split(" | ")[0].lstrip("| "): line for line in md.splitlines() if line.startswith("| w")}
+    runs_table = next(block for block in md.split("\n\n") if block.startswith(header)).splitlines()
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in runs_table if line.startswith("| w")}
     assert len(rows) == 9
     # width then AGD first then lr ascending
-    order = [line.split(" | ")[0].lstrip("| ") for line in md.splitlines() if line.startswith("| w")]
+    order = [line.split(" | ")[0].lstrip("| ") for line in runs_table if line.startswith("| w")]
     assert order[:5] == ["w64-agd-s0", "w64-adamw-lr0.001-s0", "w64-adamw-lr0.003-s0", "w64-adamw-lr0.01-s0",
                          "w64-adamw-lr3e-2-s0 *"]
     cells = [c.strip() for c in rows["w128-adamw-lr0.01-s0"].strip("|").split("|")]
@@ -103,8 +105,9 @@ def test_report_cli_on_single_runs_and_without_agd(sweep_dir, tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "| w64-adamw-lr0.001-s0 | AdamW |" in printed and "lr_transfer.png" in printed
-    assert not (out / "agd_eta.png").exists()
-    assert "Not drawn" in (out / "report.md").read_text()
+    assert not (out / "agd_eta.png").exists() and not (out / "agd_roles.png").exists()
+    assert not (out / "agd_vs_adamw.csv").exists() and "AGD against" not in printed
+    assert "Not drawn" in (out / "report.md").read_text() and "AGD against" not in (out / "report.md").read_text()
     assert main([str(tmp_path / "nothing-here")]) == 2
 
 
@@ -116,5 +119,175 @@ def test_report_on_real_runs(tiny_overrides, tmp_path):
                 ["optim.name=adamw", "optim.lr=3e-3", "optim.warmup_steps=1", "train.run_name=real-adamw"]):
         train(load_config(None, tiny_overrides + opt + ["train.max_steps=2", "train.eval_interval=2"]))
     result = build_report([tmp_path / "runs"], tmp_path / "rep")
-    assert len(result["runs"]) == 2 and len(result["plots"]) == 3
+    assert len(result["runs"]) == 2 and len(result["plots"]) == 4
     assert all(r.done and math.isfinite(r.final_val_loss) for r in result["runs"])
+    # the per-role diagnostics come from what AGD really logs
+    roles = {row["role"] for row in csv.DictReader(open(tmp_path / "rep" / "agd_roles.csv"))}
+    assert roles and all(row.startswith("| default | real-agd |") for row in result["roles_table"].splitlines()[2:])
+    ratio = [c.strip() for c in result["ratio_table"].splitlines()[2].strip("|").split("|")]
+    by_optimiser = {r.optimiser: r for r in result["runs"]}
+    agd, adamw = by_optimiser["agd"], by_optimiser["adamw"]
+    assert ratio[5] == f"{agd.final_val_loss / adamw.final_val_loss:.3f} (seed {agd.seed} only)"
+
+
+# ---- the study tables: AGD against the best AdamW per cell and seed; per-role diagnostics ---
+
+ADAMW_PENALTY = {1e-3: 0.3, 3e-3: 0.05, 1e-2: 0.1}
+AGD_PENALTY = {"default": 0.4, "agd_exp": 0.3, "default+momentum": 0.1}
+ROLE_VALUES = {"agd_share": {"embedding": 0.6, "block": 0.3, "head": 0.1},
+               "agd_rel_update": {"embedding": 1e-3, "block": 1e-2, "head": 3e-3},
+               "agd_weight_ratio": {"embedding": 1.01, "block": 1.2, "head": 0.99}}
+
+
+def role_value(metric: str, role: str, step: int, label: str) -> float:
+    return ROLE_VALUES[metric][role] * (1 + step / 100) * (1 + list(AGD_PENALTY).index(label))
+
+
+def write_study_run(root: Path, name: str, overrides: list[str], final_loss: float, done=True, variant=None,
+                    roles_label=None, weight_ratio=True):
+    cfg = yaml.safe_load(config_to_yaml(load_config(None, [
+        "model.n_layer=2", "model.n_head=2", "model.block_size=64", "train.micro_batch_size=16",
+        "train.max_steps=20", "log.group=study", f"train.run_name={name}"] + overrides)))
+    if variant:  # written as a study run records it (the variant names are another part's)
+        cfg["optim"]["variant"] = variant
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    tokens_per_step = cfg["train"]["global_batch_size"] * 64
+    records = []
+    for step, val_loss in ((0, 7.0), (10, 6.0), (20, final_loss)):
+        if step:
+            rec = {"step": step, "tokens": step * tokens_per_step, "kind": "train", "train_loss": val_loss}
+            for metric in ROLE_VALUES if roles_label else ():
+                if metric != "agd_weight_ratio" or weight_ratio:
+                    rec.update({f"{metric}/{role}": role_value(metric, role, step, roles_label)
+                                for role in ROLE_VALUES[metric]})
+            records.append(rec)
+        records.append({"step": step, "tokens": step * tokens_per_step, "kind": "eval", "val_loss": val_loss})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if done:
+        (run / "DONE").write_text("done\n")
+
+
+@pytest.fixture
+def study(tmp_path):
+    """Widths 64/128 x batches 16/32 x seeds 0/1; AdamW at 3 lrs, AGD default and agd_exp
+    everywhere, default+momentum at width 128. Returns (folder, finals) with finals[cell][seed]
+    = {lr or AGD label: final val loss} of the finished runs."""
+    root = tmp_path / "study"
+    finals: dict = {}
+    for width in (64, 128):
+        for batch in (16, 32):
+            for seed in (0, 1):
+                base = 4.0 - 0.1 * (width == 128) - 0.05 * (batch == 32) + 0.01 * seed
+                common = [f"model.n_embd={width}", f"train.global_batch_size={batch}", f"train.seed={seed}"]
+                tag = f"w{width}-b{batch}"
+                mine = finals.setdefault((width, batch), {}).setdefault(seed, {})
+                penalty = dict(ADAMW_PENALTY)
+                if (width, batch, seed) == (64, 16, 1):  # this seed's best lr differs
+                    penalty = {1e-3: 0.3, 3e-3: 0.2, 1e-2: 0.02}
+                if (width, batch, seed) == (64, 32, 1):
+                    penalty = {}  # no AdamW for this seed: its AGD runs have nothing to compare with
+                for lr, pen in penalty.items():
+                    mine[lr] = base + pen
+                    write_study_run(root, f"{tag}-adamw-lr{lr:g}-s{seed}", common + [
+                        "optim.name=adamw", f"optim.lr={lr}", "optim.min_lr=0"], mine[lr])
+                # an unfinished AdamW run with a lower last eval is no reference
+                write_study_run(root, f"{tag}-adamw-lr3e-2-s{seed}", common + [
+                    "optim.name=adamw", "optim.lr=3e-2", "optim.min_lr=0"], base - 1.0, done=False)
+                for label, pen in AGD_PENALTY.items():
+                    if label == "default+momentum" and width != 128:
+                        continue
+                    policy, _, variant = label.partition("+")
+                    mine[label] = base + pen + 0.007 * seed
+                    write_study_run(root, f"{tag}-agd-{label.replace('+', '-')}-s{seed}", common + [
+                        "optim.name=agd", f"optim.policy={policy}"], mine[label], variant=variant or None,
+                        roles_label=label, weight_ratio=label != "default")
+    return root, finals
+
+
+def expected_ratios(finals) -> dict:
+    """(width, batch) -> AGD label -> seed -> ratio, computed straight from the written losses."""
+    out: dict = {}
+    for cell, seeds in finals.items():
+        for seed, losses in seeds.items():
+            adamw = [v for k, v in losses.items() if isinstance(k, float)]
+            for label, loss in losses.items():
+                if isinstance(label, str) and adamw:
+                    out.setdefault(cell, {}).setdefault(label, {})[seed] = loss / min(adamw)
+    return out
+
+
+def table_cells(markdown: str) -> list[dict]:
+    lines = markdown.splitlines()
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(head, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+
+
+def test_ratio_table_against_an_independent_computation(study, tmp_path):
+    root, finals = study
+    result = build_report([root], tmp_path / "rep")
+    expected = expected_ratios(finals)
+    rows = table_cells(result["ratio_table"])
+    assert list(rows[0])[:5] == ["width", "layers", "batch", "tokenizer", "tokens"]
+    assert list(rows[0])[5:8] == ["AGD default", "AGD agd_exp", "AGD default+momentum"]
+    assert [(int(r["width"]), int(r["batch"])) for r in rows] == [(64, 16), (64, 32), (128, 16), (128, 32)]
+    for row in rows:
+        cell = (int(row["width"]), int(row["batch"]))
+        assert row["layers"] == "2" and row["tokenizer"] == "gpt2"
+        assert row["tokens"] == f"{20 * cell[1] * 64 / 1e3:.3g}k"
+        for label in AGD_PENALTY:
+            per_seed = expected[cell].get(label)
+            if per_seed is None:
+                assert row[f"AGD {label}"] == ""
+                continue
+            mean = sum(per_seed.values()) / len(per_seed)
+            if len(per_seed) == 1:
+                assert row[f"AGD {label}"] == f"{mean:.3f} (seed 0 only)"
+            else:
+                assert row[f"AGD {label}"] == f"{mean:.3f} ({per_seed[0]:.3f}, {per_seed[1]:.3f})"
+    # the per-seed best AdamW differs where its lrs' order differs
+    best = rows[0]["best AdamW (final val loss @ lr, per seed)"]
+    assert best == f"s0: {finals[(64, 16)][0][3e-3]:.4f} @ 3e-3; s1: {finals[(64, 16)][1][1e-2]:.4f} @ 1e-2"
+
+    with open(tmp_path / "rep" / "agd_vs_adamw.csv") as f:
+        long = list(csv.DictReader(f))
+    assert len(long) == sum(len(s) for labels in expected.values() for s in labels.values())
+    for r in long:
+        cell = (int(r["n_embd"]), int(r["global_batch_size"]))
+        assert float(r["ratio"]) == pytest.approx(expected[cell][r["agd"]][int(r["seed"])], rel=1e-12)
+        assert float(r["agd_final_val_loss"]) / float(r["adamw_final_val_loss"]) == pytest.approx(float(r["ratio"]))
+        assert r["adamw_run"] != f"w{cell[0]}-b{cell[1]}-adamw-lr3e-2-s{r['seed']}"  # unfinished: never the reference
+    md = result["report"].read_text()
+    assert "## AGD against the best-tuned AdamW" in md and result["ratio_table"] in md
+
+
+def test_per_role_diagnostics_plot_and_final_values(study, tmp_path):
+    root, _ = study
+    result = build_report([root], tmp_path / "rep")
+    assert (tmp_path / "rep" / "agd_roles.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = table_cells(result["roles_table"])
+    assert [r["AGD"] for r in rows] == ["default"] * 3 + ["agd_exp"] * 3 + ["default+momentum"] * 3
+    for r in rows:  # the widest cell's first seed; batch 16 before 32 by name
+        label = r["AGD"]
+        assert r["run"] == f"w128-b16-agd-{label.replace('+', '-')}-s0"
+        for metric, header in (("agd_share", "share of G"), ("agd_rel_update", "update size ‖dW‖/‖W‖"),
+                               ("agd_weight_ratio", "weight growth ‖W‖/‖W0‖")):
+            if metric == "agd_weight_ratio" and label == "default":  # an older run: not logged
+                assert r[header] == "-"
+            else:
+                assert r[header] == f"{role_value(metric, r['role'], 20, label):.4g}"
+    with open(tmp_path / "rep" / "agd_roles.csv") as f:
+        assert len(list(csv.DictReader(f))) == 9
+    md = result["report"].read_text()
+    assert "](agd_roles.png)" in md and result["roles_table"] in md
+    # every earlier output is still written
+    for name in ("report.md", "runs.csv", "val_loss_vs_tokens.png", "lr_transfer.png"):
+        assert (tmp_path / "rep" / name).is_file()
+
+
+def test_report_cli_prints_the_ratio_table(study, tmp_path, capsys):
+    root, _ = study
+    assert main([str(root), "-o", str(tmp_path / "rep")]) == 0
+    printed = capsys.readouterr().out
+    assert "AGD final val loss / best AdamW's" in printed and "| 128 | 2 | 32 | gpt2 |" in printed
