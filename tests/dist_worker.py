@@ -38,6 +38,7 @@ STEPS, ROWS = 3, 8
 # name -> overrides
 CASES = {
     "ddp-agd": ["parallel.backend=ddp", "optim.name=agd"],
+    "ddp-agd-spectral_momentum": ["parallel.backend=ddp", "optim.name=agd", "optim.variant=spectral_momentum"],
     "ddp-adamw": ["parallel.backend=ddp", "optim.name=adamw", "model.activation_checkpointing=true"],
     "fsdp2-agd": ["parallel.backend=fsdp2", "optim.name=agd"],
     "fsdp2-adamw": ["parallel.backend=fsdp2", "optim.name=adamw"],

@@ -56,6 +56,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from agdlm.optim.variants import AveragedGradBinding, MomentumGrads, check_variant, orthogonalise, uses_momentum, uses_spectral
+
 NORMS = ("frobenius", "sign", "rms", "rows", "follow", "frozen")
 
 
@@ -139,11 +141,12 @@ class AGD(torch.optim.Optimizer):
     to G and the reduced vector; ``log_metrics()`` gives floats for the trainer.
     """
 
-    def __init__(self, model: torch.nn.Module, policy: str = "default", gain: float = 1.0):
+    def __init__(self, model: torch.nn.Module, policy: str = "default", gain: float = 1.0, variant: str = "none"):
         from agdlm.optim.rules import build_plan  # the only place that knows model types
 
         if gain <= 0:
             raise ValueError(f"AGD gain={gain} must be positive")
+        check_variant(variant)
         params, names, plan = build_plan(model, policy)
         self.params: list[torch.nn.Parameter] = params
         self.param_names: list[str] = names
@@ -153,12 +156,21 @@ class AGD(torch.optim.Optimizer):
         if self.L <= 0:
             raise ValueError("AGD: the model has no layer that counts in L")
         self.acc_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-        super().__init__(params, dict(policy=policy, gain=float(gain), layer_signature=self._signature()))
-        self.policy = policy
+        super().__init__(params, dict(policy=policy, gain=float(gain), variant=variant,
+                                      layer_signature=self._signature()))
+        self.policy, self.variant = policy, variant
         self.binding = LocalBinding(self.params)
         self.last_stats: dict[str, torch.Tensor] = {}
         self._build_slots()
         self._plan_cache: tuple | None = None
+        self._momentum = MomentumGrads(self) if uses_momentum(variant) else None
+        self._spectral = [ci for ci, c in enumerate(plan.components)
+                          if c.norm == "frobenius" and uses_spectral(variant)]
+        # Non-finite G: the step is skipped on every rank (weights untouched), no host sync.
+        device = self.params[0].device
+        self.consecutive_skips = torch.zeros((), dtype=torch.long, device=device)
+        self.skipped_steps = torch.zeros((), dtype=torch.long, device=device)
+        self._w0_sq: torch.Tensor | None = None  # per-part ||W||^2 before the first step
 
     # ---- static layout ------------------------------------------------------------------
     def _signature(self) -> list[str]:
@@ -245,18 +257,24 @@ class AGD(torch.optim.Optimizer):
     # ---- bindings -----------------------------------------------------------------------
     def bind(self, binding) -> None:
         """Swap the binding (after a backend has wrapped or sharded the model)."""
+        if self.variant != "none" and not isinstance(binding, LocalBinding):
+            raise ValueError(
+                f"optim.variant={self.variant} needs whole tensors (momentum buffers per logical parameter, "
+                f"Newton-Schulz on whole matrices); {type(binding).__name__} shards them, which would cost an "
+                "all-gather of every matrix gradient per step: use parallel.backend=single or ddp")
         self.binding = binding
         self._plan_cache = None
 
-    def _gather_pieces(self):
+    def _gather_pieces(self, binding=None):
         """[(segment index, weight view, grad view or None, absolute flat start)] for every
         overlap of a held piece with a part."""
         out = []
+        binding = binding or self.binding
         for i in range(len(self.params)):
             segs = self.by_param[i]
             if not segs:
                 continue
-            for start, w, g in self.binding.pieces(i):
+            for start, w, g in binding.pieces(i):
                 n = w.numel()
                 if n == 0:
                     continue
@@ -309,7 +327,7 @@ class AGD(torch.optim.Optimizer):
         return cache[key]
 
     # ---- stage (c) ----------------------------------------------------------------------
-    def _derive(self, vec: torch.Tensor, gain: float) -> dict:
+    def _derive(self, vec: torch.Tensor, gain: float, spectral: dict | None = None) -> dict:
         t = self._static_tensors(vec.device)
         acc, nc = self.acc_dtype, len(self.plan.components)
         comp_ss = torch.zeros(nc, dtype=acc, device=vec.device).index_add_(0, t["sq_comp"], vec[t["sq_slot"]])
@@ -317,28 +335,39 @@ class AGD(torch.optim.Optimizer):
         row_ss = vec[t["row_slot"]]
         rows_sum = torch.zeros_like(comp_ss).index_add_(0, t["row_comp"], row_ss.sqrt())
         dual = t["sqrt_mask"] * comp_ss.sqrt() + comp_abs + rows_sum
+        if spectral:  # orthogonalised directions: the dual term is <g, O>, the step is s * O
+            idx = self._index(tuple(spectral), vec.device)
+            dual = dual.index_copy(0, idx, torch.stack(list(spectral.values())).to(acc))
         contrib = t["dual_coef"] * dual / self.L  # each component's share of G
         G = contrib.sum()
-        eta = eta_from_G(G)
+        finite = torch.isfinite(G)
+        eta = torch.where(finite, eta_from_G(G), torch.zeros_like(G))  # a skipped step moves nothing
         step = gain * eta / self.L
         comp_scale = -step * t["norm_coef"] * _rsqrt_or_zero(comp_ss[t["ss_src"]])
+        if spectral:
+            comp_scale = comp_scale.index_copy(0, idx, -step * t["norm_coef"][idx])
         sign_scale = -step * t["norm_coef"]
         row_scale = -step * t["norm_coef"][t["row_comp"]] * _rsqrt_or_zero(row_ss)
         layer_contrib = torch.zeros(len(self.plan.layers), dtype=acc, device=vec.device)
         layer_contrib.index_add_(0, t["comp_layer"], contrib)
-        return dict(eta=eta, G=G, contributions=layer_contrib, component_contributions=contrib,
+        return dict(eta=eta, G=G, finite=finite, contributions=layer_contrib, component_contributions=contrib,
                     comp_scale=comp_scale, sign_scale=sign_scale, row_scale=row_scale, vec=vec)
 
-    def _apply(self, pieces, d: dict) -> None:
+    def _apply(self, pieces, d: dict, directions: dict | None = None) -> None:
         comp_scale = d["comp_scale"].unbind(0)
         sign_scale = d["sign_scale"].unbind(0)
         row_scale, row_offset = d["row_scale"], self._row_scale_offsets()
         for si, w, g, lo in pieces:
             if g is None:
                 continue
+            # A non-finite gradient times a zero (skipped) scale would still be NaN: zero it.
+            # The identity whenever G is finite; the gradient is not used after the step.
+            g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
             seg = self.segments[si]
             norm, ci = seg["norm"], seg["comp"]
-            if norm in ("frobenius", "rms", "follow"):
+            if directions is not None and si in directions:
+                w.add_(directions[si].nan_to_num() * comp_scale[ci])
+            elif norm in ("frobenius", "rms", "follow"):
                 w.addcmul_(g, comp_scale[ci])
             elif norm == "sign":
                 w.addcmul_(torch.sign(g), sign_scale[ci])
@@ -367,13 +396,67 @@ class AGD(torch.optim.Optimizer):
                 loss = closure()
         device = self.params[0].device
         gain = self.param_groups[0]["gain"]
-        pieces = self._gather_pieces()  # (a) local partial sums
+        binding = self.binding
+        if self._momentum is not None:  # variant: the step sees the averaged gradient
+            binding = AveragedGradBinding(self.params, self._momentum.average())
+        pieces = self._gather_pieces(binding)  # (a) local partial sums
+        if self._w0_sq is None:
+            self._w0_sq = self._weight_norms_sq(pieces, device)
         vec = self._local_sums(pieces, device)
         vec = self.binding.reduce(vec)  # (b) one reduction
-        d = self._derive(vec, gain)  # (c) eta, normalisers, in-place updates
-        self._apply(pieces, d)
+        spectral, directions = self._spectral_directions(pieces) if self._spectral else (None, None)
+        d = self._derive(vec, gain, spectral)  # (c) eta, normalisers, in-place updates
+        self._apply(pieces, d, directions)
+        if directions:
+            d["direction_sq"] = self._direction_sq
+        if self._momentum is not None:
+            self._momentum.commit(d["finite"])
+        skipped = (~d["finite"]).long()
+        self.consecutive_skips.add_(1).mul_(skipped)  # +1 on a skip, 0 after a good step
+        self.skipped_steps.add_(skipped)
+        d["skipped_steps"] = self.skipped_steps
         self.last_stats = d
         return d["eta"]
+
+    def _spectral_directions(self, pieces) -> tuple[dict, dict]:
+        """Variant `spectral`: for each Frobenius matrix component, the Newton-Schulz
+        orthogonalisation O of its gradient (a [W|b] pair as one matrix with the bias as an
+        extra column), split back into its parts. Returns ({component: <g, O>},
+        {segment: flat direction of that part}). Whole tensors only (local binding)."""
+        by_seg = {si: g for si, _, g, _ in pieces if g is not None}
+        duals, directions = {}, {}
+        self._direction_sq = {}
+        for ci in self._spectral:
+            comp = self.plan.components[ci]
+            segs = [si for si, seg in enumerate(self.segments) if seg["comp"] == ci]
+            if not all(si in by_seg for si in segs):
+                continue  # a part without gradient: the faithful Frobenius rule handles it
+            blocks = []
+            for si, part in zip(segs, comp.parts):
+                g = by_seg[si].float()
+                blocks.append(g.view(part.shape) if len(part.shape) == 2 else g.view(-1, 1))
+            m = torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
+            if m.dim() != 2:
+                continue
+            o = orthogonalise(m)
+            duals[ci] = (m * o).sum()
+            col_sq = o.square().sum(dim=0)  # per column, to split by part below
+            col = 0
+            for si, block in zip(segs, blocks):
+                width = block.shape[1]
+                directions[si] = o[:, col : col + width].reshape(-1).to(by_seg[si].dtype)
+                self._direction_sq[si] = col_sq[col : col + width].sum()
+                col += width
+        return duals, directions
+
+    def _weight_norms_sq(self, pieces, device) -> torch.Tensor:
+        """||W_part||^2 of every part (one reduce: a collective on a sharded binding)."""
+        w_sq = torch.zeros(len(self.segments), dtype=self.acc_dtype, device=device)
+        if pieces:
+            norms = torch._foreach_norm([w for _, w, _, _ in pieces], 2, dtype=self.acc_dtype)
+            idx = torch.tensor([si for si, _, _, _ in pieces], device=device)
+            w_sq.index_add_(0, idx, torch.stack(norms).square())
+        return self.binding.reduce(w_sq)
 
     # ---- init ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -427,19 +510,15 @@ class AGD(torch.optim.Optimizer):
         """(||W_part||^2, ||dW_part||^2) for every part: weights from the held pieces (one
         reduce: collective on a sharded binding), updates from the last step's vector."""
         d = self.last_stats
-        vec, acc = d["vec"], self.acc_dtype
-        w_sq = torch.zeros(len(self.segments), dtype=acc, device=vec.device)
-        pieces = self._gather_pieces()
-        if pieces:
-            norms = torch._foreach_norm([w for _, w, _, _ in pieces], 2, dtype=acc)
-            idx = torch.tensor([si for si, _, _, _ in pieces], device=vec.device)
-            w_sq.index_add_(0, idx, torch.stack(norms).square())
-        w_sq = self.binding.reduce(w_sq)
+        vec = d["vec"]
+        w_sq = self._weight_norms_sq(self._gather_pieces(), vec.device)
         dw_sq = torch.zeros_like(w_sq)
         offs = self._row_scale_offsets()
         for si, seg in enumerate(self.segments):
             norm, ci = seg["norm"], seg["comp"]
-            if norm in ("frobenius", "rms", "follow"):
+            if si in d.get("direction_sq", {}):  # variant spectral: the step is along O, not g
+                dw_sq[si] = d["comp_scale"][ci].square() * d["direction_sq"][si]
+            elif norm in ("frobenius", "rms", "follow"):
                 dw_sq[si] = d["comp_scale"][ci].square() * vec[seg["sq"]]
             elif norm == "sign":
                 dw_sq[si] = d["sign_scale"][ci].square() * vec[seg["nnz"]]
@@ -460,25 +539,40 @@ class AGD(torch.optim.Optimizer):
         t = self._static_tensors(d["vec"].device)
         G = float(d["G"])
         out = {"agd_eta": float(d["eta"]), "agd_G": G,
-               "agd_grad_norm": float(d["vec"][t["grad_sq"]].sum().sqrt())}
+               "agd_grad_norm": float(d["vec"][t["grad_sq"]].sum().sqrt()),
+               "agd_skipped_steps": int(self.skipped_steps)}
         shares: dict[str, float] = {}
         for c, v in zip(self.plan.components, d["component_contributions"].tolist()):
             shares[c.role] = shares.get(c.role, 0.0) + v
         for role, v in shares.items():
             out[f"agd_share/{role}"] = v / G if G > 0 else 0.0
         w_sq, dw_sq = (x.tolist() for x in self._segment_norms_sq())
-        comp_w, comp_dw = [0.0] * len(self.plan.components), [0.0] * len(self.plan.components)
+        w0_sq = self._w0_sq.tolist() if self._w0_sq is not None else [0.0] * len(w_sq)
+        nc = len(self.plan.components)
+        comp_w, comp_dw, comp_w0 = [0.0] * nc, [0.0] * nc, [0.0] * nc
         for si, seg in enumerate(self.segments):
             comp_w[seg["comp"]] += w_sq[si]
             comp_dw[seg["comp"]] += dw_sq[si]
+            comp_w0[seg["comp"]] += w0_sq[si]
         per_role: dict[str, list[float]] = {}
-        for c, w, dw in zip(self.plan.components, comp_w, comp_dw):
+        growth: dict[str, list[float]] = {}
+        for c, w, dw, w0 in zip(self.plan.components, comp_w, comp_dw, comp_w0):
             per_role.setdefault(c.role, []).append(math.sqrt(dw / w) if w > 0 else 0.0)
+            if w0 > 0:
+                growth.setdefault(c.role, []).append(math.sqrt(w / w0))
         for role, v in per_role.items():
             out[f"agd_rel_update/{role}"] = sum(v) / len(v)
+        for role, v in growth.items():  # ||W|| / ||W0||, W0 = the weights before this run's first step
+            out[f"agd_weight_ratio/{role}"] = sum(v) / len(v)
         return out
 
     # ---- state --------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        if self._w0_sq is not None:  # for agd_weight_ratio across a resume (a host copy at save time)
+            sd["param_groups"][0]["initial_weight_norms_sq"] = self._w0_sq.tolist()
+        return sd
+
     def load_state_dict(self, state_dict: dict) -> None:
         groups = state_dict.get("param_groups", [])
         if len(groups) != 1:
@@ -487,10 +581,16 @@ class AGD(torch.optim.Optimizer):
         if saved.get("policy") != self.policy:
             raise ValueError(f"AGD state_dict was saved with policy={saved.get('policy')!r}, "
                              f"this optimiser uses policy={self.policy!r}")
+        if saved.get("variant", "none") != self.variant:
+            raise ValueError(f"AGD state_dict was saved with variant={saved.get('variant', 'none')!r}, "
+                             f"this optimiser uses variant={self.variant!r}")
         if saved.get("layer_signature") != self.param_groups[0]["layer_signature"]:
             raise ValueError("AGD state_dict: the saved layer table differs from this model's "
                              "(different model shape or policy rules)")
+        w0 = saved.get("initial_weight_norms_sq")
         super().load_state_dict(state_dict)
+        if w0 is not None and len(w0) == len(self.segments):
+            self._w0_sq = torch.tensor(w0, dtype=self.acc_dtype, device=self.params[0].device)
 
 
 def _sums_of_squares(views: list[torch.Tensor], acc: torch.dtype) -> torch.Tensor:
@@ -527,12 +627,15 @@ def _row_chunks(n: int, off: int, d: int) -> list[tuple[int, int, int, int]]:
 def format_layer_table(opt: AGD) -> str:
     rows = opt.layer_table()
     head = ("tensor", "part", "role", "shape", "norm", "s", "in L")
-    cells = [(r["tensor"], r["part"], r["role"], "x".join(map(str, r["shape"])), r["norm"], f"{r['s']:.4g}",
+    spectral = uses_spectral(opt.variant)
+    cells = [(r["tensor"], r["part"], r["role"], "x".join(map(str, r["shape"])),
+              "spectral" if spectral and r["norm"] == "frobenius" else r["norm"], f"{r['s']:.4g}",
               f"{r['in_L']:g}") for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(head)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
     lines += [fmt.format(*c) for c in cells]
-    lines.append(f"total L = {opt.L:g}  (policy={opt.policy}, gain={opt.param_groups[0]['gain']:g}, "
+    variant = "" if opt.variant == "none" else f", variant={opt.variant}"
+    lines.append(f"total L = {opt.L:g}  (policy={opt.policy}{variant}, gain={opt.param_groups[0]['gain']:g}, "
                  f"{len(opt.plan.layers)} layers, {len(rows)} parts)")
     return "\n".join(lines)

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(config, overrides)
     with torch.device("meta"):
         model = GPT(cfg.model)
-    opt = AGD(model, policy=args.policy or cfg.optim.policy, gain=cfg.optim.gain)
+    opt = AGD(model, policy=args.policy or cfg.optim.policy, gain=cfg.optim.gain, variant=cfg.optim.variant)
     m = cfg.model
     print(f"model: n_layer={m.n_layer} n_head={m.n_head} n_embd={m.n_embd} block_size={m.block_size} "
           f"vocab_size={m.vocab_size} bias={m.bias} tie_embeddings={m.tie_embeddings}")

@@ -1,0 +1,201 @@
+"""AGD study variants (optim.variant) and the non-finite-gradient skip, against references
+written here from the formulas in agdlm/optim/variants.py's docstring."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from agdlm.optim import AGD
+from agdlm.optim.variants import MOMENTUM_BETA
+from test_agd_math import backward, batch, eta_ref, grads_of, reference_layers, snapshot, tiny_gpt, updates
+
+
+def newton_schulz_reference(m: torch.Tensor) -> torch.Tensor:
+    """Muon's quintic iteration, written out: X <- aX + b(XX^T)X + c(XX^T)^2 X, 5 times, on
+    the wide orientation, starting from X / ||X||_F."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = m.double()
+    flip = x.shape[0] > x.shape[1]
+    x = x.T if flip else x
+    x = x / (x.norm() + 1e-7)
+    for _ in range(5):
+        s = x @ x.T
+        x = a * x + b * s @ x + c * s @ s @ x
+    return x.T if flip else x
+
+
+def reference_spectral_step(model, grads, gain=1.0):
+    """(eta, G, updates): Frobenius matrix layers step along O = NS([W|b] gradient) with dual
+    <g, O>; sign and RMS layers as in the faithful table."""
+    layers = reference_layers(model)
+    P = dict(model.named_parameters())
+    g = {k: v.double() for k, v in grads.items()}
+    L = sum(in_L for in_L, _ in layers)
+    G, directions = 0.0, {}
+    for _, comps in layers:
+        for norm, s, names, dim in comps:
+            if norm == "frob":
+                blocks = [g[n] if g[n].dim() == 2 else g[n].view(-1, 1) for n in names]
+                m = torch.cat(blocks, 1)
+                o = newton_schulz_reference(m)
+                G += s * float((m * o).sum())
+                col = 0
+                for n, blk in zip(names, blocks):
+                    directions[n] = (s, o[:, col : col + blk.shape[1]].reshape(P[n].shape))
+                    col += blk.shape[1]
+            elif norm == "sign":
+                G += s * float(g[names[0]].abs().sum())
+                directions[names[0]] = (s, torch.sign(g[names[0]]))
+            elif norm == "rms":
+                nrm = float(g[names[0]].norm())
+                G += s * math.sqrt(dim) * nrm
+                directions[names[0]] = (s, math.sqrt(dim) * g[names[0]] / nrm)
+    G /= L
+    eta = eta_ref(G)
+    step = gain * eta / L
+    return eta, G, {n: -step * s * d for n, (s, d) in directions.items()}
+
+
+@pytest.mark.parametrize("bias,tied", [(False, True), (True, False)])
+def test_spectral_matches_reference_and_inner_product(bias, tied):
+    m = tiny_gpt(bias=bias, tied=tied, dtype=torch.float64)
+    opt = AGD(m, variant="spectral", gain=0.8)
+    opt.init_weights()
+    backward(m, *batch())
+    g, w0 = grads_of(m), snapshot(m)
+    eta = float(opt.step())
+    eta_r, G_r, upd_r = reference_spectral_step(m, g, gain=0.8)
+    assert eta == pytest.approx(eta_r, rel=1e-5)
+    assert float(opt.last_stats["G"]) == pytest.approx(G_r, rel=1e-5)
+    upd = updates(m, w0)
+    for n in upd:  # NS runs in fp32 inside the optimiser: fp32 tolerance
+        torch.testing.assert_close(upd[n], upd_r[n], rtol=2e-4, atol=1e-6, msg=n)
+    inner = sum(float((g[n].double() * upd[n]).sum()) for n in upd)
+    assert inner == pytest.approx(-0.8 * eta_r * G_r, rel=1e-4)
+
+
+def test_spectral_moves_matrices_by_eta_over_L_times_s_in_spectral_norm():
+    m = tiny_gpt(tied=False, dtype=torch.float64)
+    opt = AGD(m, variant="spectral")
+    opt.init_weights()
+    backward(m, *batch())
+    w0 = snapshot(m)
+    eta = float(opt.step())
+    upd = updates(m, w0)
+    for _, comps in reference_layers(m):
+        for norm, s, names, _ in comps:
+            if norm != "frob":
+                continue
+            top = float(torch.linalg.matrix_norm(upd[names[0]], ord=2))
+            # NS5 leaves singular values in about [0.7, 1.2] (Muon's coefficients trade exactness for speed)
+            assert 0.6 * eta / opt.L * s < top < 1.3 * eta / opt.L * s, names[0]
+
+
+def test_momentum_uses_the_bias_corrected_average():
+    m = tiny_gpt(dtype=torch.float64)
+    opt = AGD(m, variant="momentum")
+    opt.init_weights()
+    avg = None
+    for k in range(3):
+        backward(m, *batch(seed=10 + k))
+        g, w0 = grads_of(m), snapshot(m)
+        avg = {n: v.clone() * (1 - MOMENTUM_BETA) for n, v in g.items()} if avg is None else \
+            {n: MOMENTUM_BETA * avg[n] + (1 - MOMENTUM_BETA) * g[n] for n in g}
+        corrected = {n: v / (1 - MOMENTUM_BETA ** (k + 1)) for n, v in avg.items()}
+        opt.step()
+        from test_agd_math import reference_step
+
+        eta_r, G_r, upd_r, _ = reference_step(reference_layers(m), corrected)
+        assert float(opt.last_stats["G"]) == pytest.approx(G_r, rel=1e-10)
+        upd = updates(m, w0)
+        for n in upd:
+            torch.testing.assert_close(upd[n], upd_r[n], rtol=1e-9, atol=1e-12, msg=n)
+
+
+@pytest.mark.parametrize("variant", ["momentum", "spectral_momentum"])
+def test_momentum_state_round_trips(variant):
+    def run(split):
+        m = tiny_gpt()
+        opt = AGD(m, variant=variant)
+        opt.init_weights()
+        for k in range(4):
+            if k == split:
+                state, weights = opt.state_dict(), {k: v.clone() for k, v in m.state_dict().items()}
+                m = tiny_gpt(seed=5)
+                m.load_state_dict(weights)
+                opt = AGD(m, variant=variant)
+                opt.load_state_dict(state)
+            backward(m, *batch(seed=20 + k))
+            opt.step()
+        return snapshot(m)
+
+    a, b = run(split=None), run(split=2)
+    for n in a:
+        assert torch.equal(a[n], b[n]), n
+
+
+def test_variant_mismatch_refused_on_load():
+    m = tiny_gpt()
+    state = AGD(m, variant="momentum").state_dict()
+    with pytest.raises(ValueError, match="variant"):
+        AGD(m).load_state_dict(state)
+
+
+def test_variants_refuse_sharded_bindings():
+    class TwoPieces:  # any binding other than the whole-tensor local one
+        def pieces(self, i):
+            return []
+
+        def reduce(self, vec):
+            return vec
+
+    for variant in ("momentum", "spectral"):
+        with pytest.raises(ValueError, match=f"optim.variant={variant} needs whole tensors"):
+            AGD(tiny_gpt(), variant=variant).bind(TwoPieces())
+
+
+@pytest.mark.parametrize("policy", ["default", "agd_exp", "modular"])
+@pytest.mark.parametrize("variant", ["none", "momentum", "spectral"])
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_non_finite_gradient_skips_the_step(policy, variant, bad):
+    m = tiny_gpt(bias=True, tied=policy != "modular")
+    opt = AGD(m, policy=policy, variant=variant)
+    opt.init_weights()
+    backward(m, *batch())
+    opt.step()  # one good step first (momentum has a history)
+    backward(m, *batch(seed=3))
+    m.transformer.h[0].mlp.c_fc.weight.grad[1, 2] = bad
+    before = snapshot(m)
+    eta = opt.step()
+    after = snapshot(m)
+    for n in before:
+        assert torch.equal(before[n], after[n]), n
+    assert float(eta) == 0.0
+    assert int(opt.consecutive_skips) == 1 and int(opt.skipped_steps) == 1
+    assert opt.log_metrics()["agd_skipped_steps"] == 1
+    backward(m, *batch(seed=4))
+    m.transformer.wpe.weight.grad[0, 0] = bad
+    opt.step()
+    assert int(opt.consecutive_skips) == 2
+    backward(m, *batch(seed=5))
+    opt.step()  # a good step moves again and resets the run of skips
+    assert int(opt.consecutive_skips) == 0 and int(opt.skipped_steps) == 2
+    assert any(not torch.equal(after[n], p) for n, p in m.named_parameters())
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+def test_weight_ratio_metric_against_initial_norms():
+    m = tiny_gpt()
+    opt = AGD(m)
+    opt.init_weights()
+    w0 = snapshot(m)
+    for k in range(3):
+        backward(m, *batch(seed=30 + k))
+        opt.step()
+    out = opt.log_metrics()
+    fc = [n for n in w0 if n.endswith("mlp.c_fc.weight")]
+    want = sum(float(dict(m.named_parameters())[n].norm() / w0[n].norm()) for n in fc) / len(fc)
+    assert out["agd_weight_ratio/mlp_fc"] == pytest.approx(want, rel=1e-6)
