@@ -166,6 +166,7 @@ class AGD(torch.optim.Optimizer):
         self._momentum = MomentumGrads(self) if uses_momentum(variant) else None
         self._spectral = [ci for ci, c in enumerate(plan.components)
                           if c.norm == "frobenius" and uses_spectral(variant)]
+        self._spectral_segments = {si for si, seg in enumerate(self.segments) if seg["comp"] in self._spectral}
         # Non-finite G: the step is skipped on every rank (weights untouched), no host sync.
         device = self.params[0].device
         self.consecutive_skips = torch.zeros((), dtype=torch.long, device=device)
@@ -257,11 +258,11 @@ class AGD(torch.optim.Optimizer):
     # ---- bindings -----------------------------------------------------------------------
     def bind(self, binding) -> None:
         """Swap the binding (after a backend has wrapped or sharded the model)."""
-        if self.variant != "none" and not isinstance(binding, LocalBinding):
+        if uses_momentum(self.variant) and not isinstance(binding, LocalBinding):
             raise ValueError(
-                f"optim.variant={self.variant} needs whole tensors (momentum buffers per logical parameter, "
-                f"Newton-Schulz on whole matrices); {type(binding).__name__} shards them, which would cost an "
-                "all-gather of every matrix gradient per step: use parallel.backend=single or ddp")
+                f"optim.variant={self.variant} keeps momentum buffers per logical parameter; {type(binding).__name__} "
+                "shards the parameters (sharded optimiser state for AGD is not built): use parallel.backend=single "
+                "or ddp, or optim.variant=spectral")
         self.binding = binding
         self._plan_cache = None
 
@@ -357,7 +358,7 @@ class AGD(torch.optim.Optimizer):
         comp_scale = d["comp_scale"].unbind(0)
         sign_scale = d["sign_scale"].unbind(0)
         row_scale, row_offset = d["row_scale"], self._row_scale_offsets()
-        for si, w, g, lo in pieces:
+        for k, (si, w, g, lo) in enumerate(pieces):
             if g is None:
                 continue
             # A non-finite gradient times a zero (skipped) scale would still be NaN: zero it.
@@ -365,8 +366,8 @@ class AGD(torch.optim.Optimizer):
             g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
             seg = self.segments[si]
             norm, ci = seg["norm"], seg["comp"]
-            if directions is not None and si in directions:
-                w.add_(directions[si].nan_to_num() * comp_scale[ci])
+            if directions is not None and k in directions:
+                w.add_(directions[k].nan_to_num() * comp_scale[ci])
             elif norm in ("frobenius", "rms", "follow"):
                 w.addcmul_(g, comp_scale[ci])
             elif norm == "sign":
@@ -420,33 +421,59 @@ class AGD(torch.optim.Optimizer):
 
     def _spectral_directions(self, pieces) -> tuple[dict, dict]:
         """Variant `spectral`: for each Frobenius matrix component, the Newton-Schulz
-        orthogonalisation O of its gradient (a [W|b] pair as one matrix with the bias as an
-        extra column), split back into its parts. Returns ({component: <g, O>},
-        {segment: flat direction of that part}). Whole tensors only (local binding)."""
-        by_seg = {si: g for si, _, g, _ in pieces if g is not None}
-        duals, directions = {}, {}
+        orthogonalisation O of its whole gradient (a [W|b] pair as one matrix with the bias as
+        an extra column). Returns ({component: <g, O>}, {piece position: O on that piece}).
+
+        On a sharded binding the matrices are assembled by ONE `binding.reduce` of a buffer
+        holding every spectral part, each rank writing only the elements it holds (the pieces
+        cover each element once over the ranks, so the sum is exact): an all-reduce of all
+        matrix gradients per step, the cost of needing whole matrices. Every rank then
+        orthogonalises every matrix and updates its own pieces."""
+        comps = self.plan.components
+        segs_of = {ci: [si for si, seg in enumerate(self.segments) if seg["comp"] == ci] for ci in self._spectral}
+        local = isinstance(self.binding, LocalBinding)
+        full = {}  # segment -> its whole gradient region, flat
+        if local:  # whole tensors already: views, no copy
+            full = {si: g for si, _, g, _ in pieces if g is not None and si in self._spectral_segments}
+            if len(full) != len(self._spectral_segments):
+                return {}, {}  # a matrix without gradient (not this model's training path): faithful rule
+        else:
+            sizes = [self.segments[si]["stop"] - self.segments[si]["start"] for ci in self._spectral for si in segs_of[ci]]
+            device = self.params[0].device
+            buf = torch.zeros(sum(sizes), dtype=torch.float32, device=device)
+            offset, at = 0, {}
+            for ci in self._spectral:
+                for si in segs_of[ci]:
+                    at[si] = offset
+                    offset += self.segments[si]["stop"] - self.segments[si]["start"]
+            for si, _, g, lo in pieces:
+                if g is not None and si in at:
+                    pos = at[si] + lo - self.segments[si]["start"]
+                    buf[pos : pos + g.numel()] = g
+            buf = self.binding.reduce(buf)
+            full = {si: buf[at[si] : at[si] + self.segments[si]["stop"] - self.segments[si]["start"]] for si in at}
+        duals, whole_dirs = {}, {}
         self._direction_sq = {}
         for ci in self._spectral:
-            comp = self.plan.components[ci]
-            segs = [si for si, seg in enumerate(self.segments) if seg["comp"] == ci]
-            if not all(si in by_seg for si in segs):
-                continue  # a part without gradient: the faithful Frobenius rule handles it
             blocks = []
-            for si, part in zip(segs, comp.parts):
-                g = by_seg[si].float()
+            for si, part in zip(segs_of[ci], comps[ci].parts):
+                g = full[si].float()
                 blocks.append(g.view(part.shape) if len(part.shape) == 2 else g.view(-1, 1))
             m = torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
-            if m.dim() != 2:
-                continue
             o = orthogonalise(m)
             duals[ci] = (m * o).sum()
             col_sq = o.square().sum(dim=0)  # per column, to split by part below
             col = 0
-            for si, block in zip(segs, blocks):
+            for si, block in zip(segs_of[ci], blocks):
                 width = block.shape[1]
-                directions[si] = o[:, col : col + width].reshape(-1).to(by_seg[si].dtype)
+                whole_dirs[si] = o[:, col : col + width].reshape(-1)
                 self._direction_sq[si] = col_sq[col : col + width].sum()
                 col += width
+        directions = {}
+        for k, (si, _, g, lo) in enumerate(pieces):
+            if g is not None and si in whole_dirs:
+                off = lo - self.segments[si]["start"]
+                directions[k] = whole_dirs[si][off : off + g.numel()].to(g.dtype)
         return duals, directions
 
     def _weight_norms_sq(self, pieces, device) -> torch.Tensor:

@@ -13,11 +13,12 @@ table, with constants declared here once and never tuned per run.
 - `spectral_momentum`: both.
 
 Both keep sum_l <g_l, dW_l> = -gain * eta * G exactly (with g the averaged gradient under
-momentum). They need whole tensors: the momentum buffers are optimiser state per logical
-parameter and Newton-Schulz needs each matrix whole, so they run with the local binding
-(single process, DDP) and are refused on sharded bindings (FSDP2, DeepSpeed ZeRO), where
-they would need an all-gather of every matrix gradient per step (spectral) or sharded
-optimiser state (momentum).
+momentum). `spectral` needs each matrix whole: on a sharded binding (FSDP2, DeepSpeed ZeRO)
+the matrices are assembled by one all-reduce of all matrix gradients per step (every rank
+writes only what it holds), which costs the traffic and the memory of a full gradient; each
+rank then updates its own pieces. The momentum variants keep buffers per logical parameter
+(optimiser state) and run with the local binding only (single process, DDP); on sharded
+bindings they are refused (sharded AGD state is not built).
 """
 
 from __future__ import annotations
