@@ -3,19 +3,67 @@ pointer written last, and only the newest `keep` folders kept.
 
 A folder is filled under a temporary name and renamed into place only when complete, and
 `latest` is replaced by rename, so a write that dies halfway leaves the previous checkpoint
-loadable. Whatever a backend writes inside the folder is its own business."""
+loadable. Whatever a backend writes inside the folder is its own business; what a resume
+needs from it (`checkpoint_problem`) is checked here, before anything is loaded.
+
+A write that fails because the disk is full raises DiskFullError naming the file, and
+leaves no temporary file behind."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
-from collections.abc import Callable
+import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 TMP_PREFIX = ".tmp_"
+CORRUPT_PREFIX = "corrupt_"  # a checkpoint set aside: never pruned, never resumed from
+STEP_DIR = re.compile(r"step_(\d+)")
+NEARLY_FULL_BYTES = 1 << 20  # torch.save reports a full disk only as an opaque RuntimeError
+
+
+class DiskFullError(OSError):
+    def __init__(self, path: Path):
+        super().__init__(errno.ENOSPC, f"no space left on device while writing {path}")
+        self.path = path
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def disk_is_full(error: BaseException, path: Path) -> bool:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:  # a RuntimeError from torch.save's stream writer: look at the disk itself
+        return shutil.disk_usage(existing_parent(Path(path))).free < NEARLY_FULL_BYTES
+    except OSError:
+        return False
+
+
+def existing_parent(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+@contextmanager
+def reporting_full_disk(path: Path) -> Iterator[None]:
+    """Turn a write that failed for want of space into one DiskFullError naming `path`."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except (OSError, RuntimeError) as e:
+        if disk_is_full(e, path):
+            raise DiskFullError(path) from None
+        raise
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -31,11 +79,21 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     file or the whole new one, never a part."""
     path = Path(path)
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with removed_on_failure(tmp), reporting_full_disk(path):  # look at the disk before freeing it
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+@contextmanager
+def removed_on_failure(tmp: Path) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # frees the space a failed write took
+        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -45,8 +103,9 @@ def atomic_write_text(path: Path, text: str) -> None:
 def atomic_torch_save(obj, path: Path) -> None:
     path = Path(path)
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with removed_on_failure(tmp), reporting_full_disk(path):  # look at the disk before freeing it
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -59,6 +118,121 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     if not path.is_dir():
         raise FileNotFoundError(f"{pointer} names {name!r}, which does not exist; the run directory is damaged")
     return path
+
+
+def step_folders(run_dir: Path) -> list[Path]:
+    """Every committed `step_<N>/` folder, newest first."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.fullmatch(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def step_of(folder: Path) -> int:
+    return int(STEP_DIR.fullmatch(folder.name).group(1))
+
+
+def resume_candidates(run_dir: Path) -> tuple[list[Path], str | None]:
+    """The checkpoint folders a resume may use, in the order to try them: the one `latest`
+    names, then older ones. Without a usable `latest` pointer (lost, or naming a folder that
+    is gone) every step folder, newest first, and a warning saying so."""
+    folders = step_folders(run_dir)
+    pointer = checkpoints_dir(run_dir) / "latest"
+    if not folders:
+        return [], None
+    name = pointer.read_text().strip() if pointer.is_file() else None
+    named = checkpoints_dir(run_dir) / name if name and STEP_DIR.fullmatch(name) else None
+    if named is not None and named.is_dir():
+        return [p for p in folders if step_of(p) <= step_of(named)], None
+    problem = "is missing" if name is None else f"names {name!r}, which is not a checkpoint folder"
+    return folders, f"{pointer} {problem}; looking for the newest complete checkpoint among {len(folders)} step folders"
+
+
+def checkpoint_problem(folder: Path, layout: str, rank: int, world_size: int) -> str | None:
+    """The first thing wrong with `folder` for a resume on `rank` of `world_size`: a file the
+    layout needs that is missing, empty, truncated or unreadable ("PATH: reason"); None when
+    every such file is present and loads. Reads nothing a backend would unpickle as code:
+    torch files of the plain layout load with weights_only, others are checked as archives."""
+    trainer = folder / "trainer.json"
+    state, problem = json_object_problem(trainer, required=("step", "world_size"))
+    if problem:
+        return problem
+    problem = json_object_problem(folder / "data.json")[1]
+    if problem:
+        return problem
+    for path, check in layout_files(folder, layout):
+        problem = file_problem(path, check)
+        if problem:
+            return problem
+    if state["world_size"] == world_size:  # the RNG state is restored only on the same world size
+        return file_problem(folder / f"rng_rank{rank}.pt", "torch")
+    return None
+
+
+def layout_files(folder: Path, layout: str) -> list[tuple[Path, str]]:
+    """(path, how to check it) for what a backend's load reads, by checkpoint layout."""
+    if layout == "model.pt":
+        optional = [folder / "scaler.pt"] if (folder / "scaler.pt").exists() else []  # fp16 only
+        return [(p, "torch") for p in [folder / "model.pt", folder / "optimizer.pt", *optional]]
+    sub = folder / layout
+    if layout == "dcp":
+        shards = sorted(sub.glob("*.distcp")) or [sub / "__0_0.distcp"]
+        plain = [(p, "torch") for p in sorted(folder.glob("*.pt")) if not p.name.startswith("rng_rank")]
+        return [(sub / ".metadata", "nonempty")] + [(p, "nonempty") for p in shards] + plain
+    if layout == "deepspeed":
+        return [(sub / "mp_rank_00_model_states.pt", "archive")] + [
+            (p, "archive") for p in sorted(sub.glob("*.pt")) if p.name != "mp_rank_00_model_states.pt"]
+    raise ValueError(f"unknown checkpoint layout {layout!r}")
+
+
+def file_problem(path: Path, check: str) -> str | None:
+    if not path.is_file():
+        return f"{path} is missing"
+    if path.stat().st_size == 0:
+        return f"{path} is empty"
+    try:
+        if check == "torch":
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        elif check == "archive":  # torch's zip format; a cut file has lost its directory
+            with zipfile.ZipFile(path) as archive:
+                archive.namelist()
+    except Exception as e:  # noqa: BLE001 - any reason a file does not load makes it unusable
+        return f"{path} does not load ({first_line(e)})"
+    return None
+
+
+def json_object_problem(path: Path, required: tuple[str, ...] = ()) -> tuple[dict | None, str | None]:
+    if not path.is_file():
+        return None, f"{path} is missing"
+    try:
+        obj = read_json(path)
+    except (ValueError, OSError) as e:
+        return None, f"{path} is not valid JSON ({first_line(e)})"
+    if not isinstance(obj, dict) or any(not isinstance(obj.get(k), int) for k in required):
+        return None, f"{path} lacks {', '.join(required) or 'a JSON object'}"
+    return obj, None
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:200]
+
+
+def set_aside(folder: Path) -> Path:
+    """Rename a checkpoint that does not load to `corrupt_step_<N>` (numbered if taken):
+    kept for inspection, but neither pruned nor resumed from again."""
+    target = folder.with_name(CORRUPT_PREFIX + folder.name)
+    n = 1
+    while target.exists():
+        n += 1
+        target = folder.with_name(f"{CORRUPT_PREFIX}{folder.name}.{n}")
+    os.replace(folder, target)
+    return target
+
+
+def point_latest_at(folder: Path) -> None:
+    atomic_write_text(folder.parent / "latest", folder.name + "\n")
 
 
 def begin_checkpoint(run_dir: Path, step: int) -> Path:
@@ -80,9 +254,7 @@ def commit_checkpoint(run_dir: Path, step: int, keep: int) -> Path:
         shutil.rmtree(final)
     os.replace(tmp, final)
     atomic_write_text(root / "latest", final.name + "\n")
-    steps = sorted(
-        (int(p.name.split("_", 1)[1]) for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")),
-    )
+    steps = sorted(step_of(p) for p in step_folders(run_dir))
     for old in steps[:-keep] if keep > 0 else []:
         if old != step:
             shutil.rmtree(root / step_dir_name(old), ignore_errors=True)

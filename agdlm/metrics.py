@@ -14,7 +14,12 @@ from typing import Protocol
 
 import torch
 
-from agdlm.checkpoint import atomic_write_text
+from agdlm.checkpoint import atomic_write_text, reporting_full_disk
+
+
+class MetricsFileError(ValueError):
+    """metrics.jsonl holds a line a resume cannot place on the curve (not UTF-8, or JSON
+    that is not a record); refused rather than guessed at, so no record is lost."""
 
 
 class Sink(Protocol):
@@ -58,7 +63,8 @@ class JsonlSink:
 
     def log(self, record: dict) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        self.file.write(json.dumps(clean) + "\n")
+        with reporting_full_disk(self.path):
+            self.file.write(json.dumps(clean) + "\n")
 
     def close(self) -> None:
         self.file.close()
@@ -174,25 +180,47 @@ def build_metrics(cfg, run_dir: Path, env, resumed: bool = False) -> Metrics:
 
 def roll_back_metrics(path: Path, step: int) -> int:
     """On resume from step `step`, move records logged after it (by the interrupted run)
-    into metrics.rolled_back.jsonl, so metrics.jsonl continues one curve. Returns how many."""
+    into metrics.rolled_back.jsonl, so metrics.jsonl continues one curve. Returns how many.
+    Raises MetricsFileError (before changing anything) for a line it cannot place."""
     path = Path(path)
     if not path.is_file():
         return 0
     keep, later = [], []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            rec_step = json.loads(line).get("step", 0)
-        except json.JSONDecodeError:  # a line cut by a crash
+    for line, record in metrics_lines(path):
+        if record is None:  # a line cut by a crash
             later.append(line)
             continue
-        (keep if rec_step <= step else later).append(line)
+        (keep if record.get("step", 0) <= step else later).append(line)
     if later:
-        with open(path.with_name("metrics.rolled_back.jsonl"), "a") as f:
+        aside = path.with_name("metrics.rolled_back.jsonl")
+        with reporting_full_disk(aside), open(aside, "a") as f:
             f.write("\n".join(later) + "\n")
         atomic_write_text(path, "".join(line + "\n" for line in keep))
     return len(later)
+
+
+def metrics_lines(path: Path) -> list[tuple[str, dict | None]]:
+    """Every non-blank line of a metrics.jsonl with its record (None for a line cut short by a
+    crash: not valid JSON). MetricsFileError for a line that is not UTF-8 or not a record."""
+    lines = []
+    for number, raw in enumerate(Path(path).read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise MetricsFileError(f"{path} line {number} is not UTF-8 text; "
+                                   "move it (or the file) aside to resume") from None
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            lines.append((line, None))
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("step", 0), (int, float)):
+            raise MetricsFileError(f"{path} line {number} is not a metrics record (a JSON object with a numeric "
+                                   f"\"step\"): {line[:60]!r}; move it (or the file) aside to resume")
+        lines.append((line, record))
+    return lines
 
 
 # ---- throughput and memory ------------------------------------------------------------

@@ -2,14 +2,17 @@
 checkpoints and metrics. `agdlm train [CONFIG ...] [section.key=value ...]`.
 
 A run lives in <train.out_dir>/<train.run_name>/. Launching the same run again resumes
-from its latest checkpoint (the same loss curve, step for step); a run that has its DONE
-marker is not trained again."""
+from its latest checkpoint (the same loss curve, step for step); without a `latest` pointer,
+or when that checkpoint does not load, from the newest one that does (a bad one is renamed
+corrupt_step_N, never deleted). A run that has its DONE marker is trained again only to a
+larger train.max_steps. Nothing in the run folder is written until the launch is known good."""
 
 from __future__ import annotations
 
 import argparse
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -17,10 +20,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from agdlm.checkpoint import atomic_write_text, begin_checkpoint, checkpoints_dir, commit_checkpoint, latest_checkpoint, read_json, write_json
+from agdlm.checkpoint import (
+    DiskFullError, atomic_torch_save, atomic_write_text, begin_checkpoint, checkpoint_problem, checkpoints_dir,
+    commit_checkpoint, first_line, latest_checkpoint, point_latest_at, read_json, reporting_full_disk,
+    resume_candidates, set_aside,
+    write_json,
+)
 from agdlm.config import Config, ConfigError, build_config, config_to_yaml, load_config, read_yaml_mapping, section_help
 from agdlm.data import DataSourceError, build_data, encoding_for, merge_states
-from agdlm.metrics import build_metrics, memory_stats, peak_flops, roll_back_metrics
+from agdlm.metrics import MetricsFileError, build_metrics, memory_stats, metrics_lines, peak_flops, roll_back_metrics
 from agdlm.model import GPT
 from agdlm.parallel import CHECKPOINT_LAYOUT, build_backend, init_distributed, shutdown_distributed
 from agdlm.parallel.env import exit_without_teardown, launched_as_worker
@@ -36,12 +44,27 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
+class ResumeRefused(RuntimeError):
+    """The run folder's checkpoints cannot be resumed by this launch; nothing was written."""
+
+
+def metrics_lines_readable(path: Path) -> None:
+    """Raise MetricsFileError now for a metrics.jsonl the resume could not roll back."""
+    if path.is_file():
+        metrics_lines(path)
+
+
+def describe_load_error(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return "; ".join(lines[:2])[:300] or type(error).__name__
+
+
 def make_optimizer_factory(cfg: Config, device_type: str):
     def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
         if cfg.optim.name == "agd":
             from agdlm.optim.agd import AGD
 
-            return AGD(model, policy=cfg.optim.policy, gain=cfg.optim.gain)
+            return AGD(model, policy=cfg.optim.policy, gain=cfg.optim.gain, variant=cfg.optim.variant)
         from agdlm.optim.adamw import build_adamw
 
         return build_adamw(model, cfg.optim, device_type)
@@ -49,11 +72,22 @@ def make_optimizer_factory(cfg: Config, device_type: str):
     return make_optimizer
 
 
+def saved_config(run_dir: Path) -> Config | None:
+    path = run_dir / "config.yaml"
+    return build_config(read_yaml_mapping(path)) if path.is_file() else None
+
+
+def changed_keys(saved_cfg: Config, cfg: Config) -> list[str]:
+    """Every `section.key: old -> new` between a run's config.yaml and this launch."""
+    saved, now = saved_cfg.to_dict(), cfg.to_dict()
+    return [f"{section}.{k}: {saved[section].get(k)!r} -> {v!r}"
+            for section in now for k, v in now[section].items() if saved.get(section, {}).get(k) != v]
+
+
 def check_resume_compatible(cfg: Config, run_dir: Path) -> None:
-    saved_path = run_dir / "config.yaml"
-    if not saved_path.is_file():
+    saved_cfg = saved_config(run_dir)
+    if saved_cfg is None:
         return
-    saved_cfg = build_config(read_yaml_mapping(saved_path))
     saved, now = saved_cfg.to_dict(), cfg.to_dict()
     diffs = []
     for item in RESUME_MUST_MATCH:
@@ -87,28 +121,22 @@ class Trainer:
 
     # ---- setup -----------------------------------------------------------------------
     def setup(self) -> None:
+        """Check, build and load everything before writing anything: a launch that fails
+        (wrong model, bad data, no loadable checkpoint) leaves the run folder as it was."""
         cfg, env = self.cfg, self.env
         n_vocab = encoding_for(cfg.data.tokenizer).n_vocab
         if cfg.model.vocab_size < n_vocab:  # every data path yields ids of data.tokenizer
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than data.tokenizer="
                               f"{cfg.data.tokenizer}'s {n_vocab} tokens")
-        resume_from = latest_checkpoint(self.run_dir)
-        if resume_from is not None:
+        candidates, pointer_warning = resume_candidates(self.run_dir)
+        if candidates:
             check_resume_compatible(cfg, self.run_dir)
-        env.barrier()  # every rank has read the old config.yaml before rank 0 replaces it
-        if env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run_dir / "config.yaml", config_to_yaml(cfg))
-            self._write_provenance(resumed_from=resume_from)
-            if resume_from is None:  # a restart before the first checkpoint starts the curve anew
-                roll_back_metrics(self.run_dir / "metrics.jsonl", step=-1)
-        env.barrier()
+        metrics_lines_readable(self.run_dir / "metrics.jsonl")  # every rank: fails alike, before any collective
 
         torch.manual_seed(cfg.train.seed + env.rank)  # dropout differs per rank; data does not
-        self.data = build_data(cfg, rank=env.rank, world_size=env.world_size, barrier=env.barrier)
-
+        self.data = self._build_data()
         model = GPT(cfg.model)
-        if resume_from is None and cfg.optim.name == "agd":
+        if not candidates and cfg.optim.name == "agd":
             from agdlm.optim.agd import AGD
 
             AGD(model, policy=cfg.optim.policy, gain=cfg.optim.gain).init_weights()
@@ -116,9 +144,66 @@ class Trainer:
         self.backend.setup(model, make_optimizer_factory(cfg, env.device.type))
         self.peak_flops = peak_flops(env.device)
 
-        if resume_from is not None:
-            self._load_checkpoint(resume_from)
+        resume_from, bad = self._load_newest_good_checkpoint(candidates) if candidates else (None, [])
+        env.barrier()  # every rank has read the old config.yaml and checkpoint before rank 0 changes them
+        if env.is_main:
+            self._record_start(resume_from, bad, pointer_warning)
+        env.barrier()
         self.metrics = build_metrics(cfg, self.run_dir, env, resumed=resume_from is not None)
+
+    def _build_data(self):
+        cfg, env = self.cfg, self.env
+        try:
+            return build_data(cfg, rank=env.rank, world_size=env.world_size, barrier=env.barrier)
+        except ValueError as e:  # e.g. fewer tokens than one block
+            raise ConfigError(f"model.block_size={cfg.model.block_size} with data.source={cfg.data.source!r}: "
+                              f"{first_line(e)}") from None
+
+    def _load_newest_good_checkpoint(self, candidates: list[Path]) -> tuple[Path, list[tuple[Path, str]]]:
+        """Load the newest candidate whose files are all present and load on every rank;
+        return it and the (folder, problem) of each newer one skipped."""
+        layout = CHECKPOINT_LAYOUT[self.cfg.parallel.backend]
+        bad: list[tuple[Path, str]] = []
+        for folder in candidates:
+            problem = checkpoint_problem(folder, layout, self.env.rank, self.env.world_size)
+            problem = self._first_problem_on_any_rank(problem)
+            if problem is None:
+                self._load_checkpoint(folder)
+                return folder, bad
+            bad.append((folder, problem))
+        problems = "; ".join(problem for _, problem in bad)
+        raise ResumeRefused(f"no checkpoint in {checkpoints_dir(self.run_dir)} loads ({problems}); nothing was changed."
+                            " Move the checkpoints folder aside to start the run over")
+
+    def _first_problem_on_any_rank(self, problem: str | None) -> str | None:
+        """All ranks agree on a checkpoint: one rank's problem is every rank's."""
+        if not (self.env.distributed and self.env.world_size > 1):
+            return problem
+        problems: list[str | None] = [None] * self.env.world_size
+        dist.all_gather_object(problems, problem)
+        return next((p for p in problems if p is not None), None)
+
+    def _record_start(self, resume_from: Path | None, bad: list[tuple[Path, str]], pointer_warning: str | None) -> None:
+        """Rank 0, once the run is known good: set bad checkpoints aside, then write
+        config.yaml and provenance and put metrics.jsonl back on the resumed curve."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if pointer_warning and resume_from is not None:
+            print(f"agdlm: warning: {pointer_warning}; resuming from {resume_from.name}", file=sys.stderr, flush=True)
+        for folder, problem in bad:
+            aside = set_aside(folder)
+            print(f"agdlm: warning: checkpoint {folder.name} is unusable ({problem}); kept as {aside.name}, "
+                  f"resuming from {resume_from.name}", file=sys.stderr, flush=True)
+        if resume_from is not None and (pointer_warning or bad):
+            point_latest_at(resume_from)
+        atomic_write_text(self.run_dir / "config.yaml", config_to_yaml(self.cfg))
+        self._write_provenance(resumed_from=resume_from)
+        (self.run_dir / "DONE").unlink(missing_ok=True)  # a finished run being extended
+        if resume_from is None:  # a restart before the first checkpoint starts the curve anew
+            roll_back_metrics(self.run_dir / "metrics.jsonl", step=-1)
+            return
+        dropped = roll_back_metrics(self.run_dir / "metrics.jsonl", self.step)
+        print(f"resumed {self.run_dir} from {resume_from.name} (step {self.step}); "
+              f"{dropped} metric records after it moved to metrics.rolled_back.jsonl", flush=True)
 
     def _write_provenance(self, resumed_from: Path | None) -> None:
         path = self.run_dir / "provenance.json"
@@ -135,17 +220,35 @@ class Trainer:
         write_json(path, record)
 
     # ---- checkpoints -----------------------------------------------------------------
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, at_end: bool = False) -> None:
         env = self.env
+        if self.stop_if_skipping() and not at_end:
+            return  # AGD is skipping steps: the last checkpoint before the streak stays the newest
         if env.is_main:
             begin_checkpoint(self.run_dir, self.step)
         env.barrier()
         folder = checkpoints_dir(self.run_dir) / f".tmp_step_{self.step}"
+        failure = None
+        try:
+            with reporting_full_disk(folder):
+                self._write_checkpoint_files(folder)
+        except (OSError, RuntimeError) as e:  # kept to raise once every rank knows
+            failure = e
+        if self._any_rank_failed(failure is not None):
+            if env.is_main:  # free what the failed write took; `latest` still names the previous one
+                shutil.rmtree(folder, ignore_errors=True)
+            raise failure or RuntimeError(f"another rank failed while writing {folder}")
+        if env.is_main:
+            commit_checkpoint(self.run_dir, self.step, self.cfg.train.keep_checkpoints)
+        env.barrier()
+
+    def _write_checkpoint_files(self, folder: Path) -> None:
+        env = self.env
         self.backend.save(folder)
         rng = {"cpu": torch.get_rng_state()}
         if env.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(env.device)
-        torch.save(rng, folder / f"rng_rank{env.rank}.pt")
+        atomic_torch_save(rng, folder / f"rng_rank{env.rank}.pt")
         data_states = [self.data.train.state_dict()]
         if env.distributed and env.world_size > 1:  # streaming positions differ per rank
             data_states = [None] * env.world_size
@@ -156,16 +259,23 @@ class Trainer:
                 folder / "trainer.json",
                 {"step": self.step, "tokens": self.step * self.tokens_per_step, "world_size": env.world_size},
             )
-        env.barrier()
-        if env.is_main:
-            commit_checkpoint(self.run_dir, self.step, self.cfg.train.keep_checkpoints)
-        env.barrier()
+
+    def _any_rank_failed(self, failed: bool) -> bool:
+        if not (self.env.distributed and self.env.world_size > 1):
+            return failed
+        flag = torch.tensor([int(failed)], device=self.env.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def _load_checkpoint(self, folder: Path) -> None:
         env = self.env
         state = read_json(folder / "trainer.json")
         self.step = int(state["step"])
-        self.backend.load(folder)
+        try:
+            self.backend.load(folder)
+        except Exception as e:  # noqa: BLE001 - its files passed the check: they do not fit, or were refused
+            raise ResumeRefused(f"{folder} does not fit this model and optimiser, or was refused "
+                              f"({describe_load_error(e)}); relaunch with the run's own config (config.yaml)") from None
         try:
             self.data.train.load_state_dict(read_json(folder / "data.json"))
         except ValueError as e:  # e.g. a streaming position on another world size
@@ -176,10 +286,6 @@ class Trainer:
             torch.set_rng_state(rng["cpu"])
             if "cuda" in rng and env.device.type == "cuda":
                 torch.cuda.set_rng_state(rng["cuda"], env.device)
-        if env.is_main:
-            dropped = roll_back_metrics(self.run_dir / "metrics.jsonl", self.step)
-            print(f"resumed {self.run_dir} from {folder.name} (step {self.step}); "
-                  f"{dropped} metric records after it moved to metrics.rolled_back.jsonl", flush=True)
 
     # ---- eval ------------------------------------------------------------------------
     @torch.no_grad()
@@ -218,15 +324,41 @@ class Trainer:
             ).float()
         loss = backend.all_reduce_mean(loss_sum / len(micro_batches))
         # One host sync per optimiser step: a non-finite loss must stop the run before the
-        # update, so no checkpoint ever holds weights that came from it.
-        if not math.isfinite(loss.item()):
-            latest = latest_checkpoint(self.run_dir)
-            raise TrainingDiverged(
-                f"train loss is {loss.item()} at step {self.step + 1}; stopping. Last good checkpoint: "
-                f"{latest if latest else 'none written yet'}"
-            )
+        # update, so no checkpoint ever holds weights that came from it. The same sync reads
+        # how many steps in a row AGD has skipped (up to the previous step).
+        loss_value, skips = self._sync_loss_and_skips(loss)
+        if not math.isfinite(loss_value):
+            raise TrainingDiverged(f"train loss is {loss_value} at step {self.step + 1}; stopping. {self._last_good()}")
+        self._stop_if_too_many_skips(skips)
+        _maybe_poison_gradient(self.step, self.env.rank, backend.raw_model)
         stats = backend.optimizer_step(cfg.optim.grad_clip if cfg.optim.name == "adamw" else 0.0)
         return loss, stats
+
+    def _sync_loss_and_skips(self, loss: torch.Tensor) -> tuple[float, int]:
+        skips = getattr(self.backend.optimizer, "consecutive_skips", None)  # AGD only
+        if skips is None:
+            return loss.item(), 0
+        loss_value, skip_count = torch.stack([loss.float(), skips.to(loss.device, torch.float32)]).tolist()
+        return loss_value, int(skip_count)
+
+    def stop_if_skipping(self) -> int:
+        """Before a checkpoint or DONE: stop if too many steps in a row were skipped; return
+        how many were (0 for a good last step, or an optimiser that never skips)."""
+        skips = getattr(self.backend.optimizer, "consecutive_skips", None)
+        count = 0 if skips is None else int(skips.item())
+        self._stop_if_too_many_skips(count)
+        return count
+
+    def _stop_if_too_many_skips(self, skips: int) -> None:
+        limit = self.cfg.train.max_skipped_steps
+        if skips >= limit:
+            raise TrainingDiverged(
+                f"AGD skipped {skips} steps in a row up to step {self.step} (a non-finite gradient made G not finite; "
+                f"train.max_skipped_steps={limit}); stopping. {self._last_good()}")
+
+    def _last_good(self) -> str:
+        latest = latest_checkpoint(self.run_dir)
+        return f"Last good checkpoint: {latest if latest else 'none written yet'}"
 
     def train_record(self, loss: torch.Tensor, stats: dict, interval_time: float, interval_steps: int) -> dict:
         step_time = interval_time / max(1, interval_steps)
@@ -244,6 +376,9 @@ class Trainer:
             record["lr"] = opt.param_groups[0]["lr"]
         if hasattr(opt, "log_metrics"):
             record.update(opt.log_metrics())
+        skipped_total = getattr(opt, "last_stats", {}).get("skipped_steps")
+        if skipped_total is not None and "agd_skipped_steps" not in record:
+            record["agd_skipped_steps"] = int(skipped_total)
         if "grad_norm" in stats:
             record["grad_norm"] = float(stats["grad_norm"])
         if self.peak_flops:
@@ -251,11 +386,33 @@ class Trainer:
         record.update(memory_stats(self.env.device))
         return record
 
+    def _extends_finished_run(self) -> bool:
+        """A finished run continues only when this launch asks for more steps (and may:
+        check_resume_compatible refuses a different experiment, or AdamW's changed horizon);
+        otherwise say so, naming any keys that differ from the run's config.yaml."""
+        saved_cfg = saved_config(self.run_dir)
+        if saved_cfg is None:
+            finished_at, diffs = None, []
+        else:
+            check_resume_compatible(self.cfg, self.run_dir)
+            finished_at, diffs = saved_cfg.total_steps(), changed_keys(saved_cfg, self.cfg)
+        wanted = self.total_steps
+        if finished_at is not None and wanted > finished_at:
+            if self.env.is_main:
+                print(f"{self.run_dir} finished at step {finished_at} (DONE); continuing to step {wanted}", flush=True)
+            return True
+        if self.env.is_main:
+            changed = f" This launch differs from its config.yaml in {'; '.join(diffs)}." if diffs else ""
+            at = f" at step {finished_at}" if finished_at is not None else ""
+            print(f"{self.run_dir} is finished (DONE{at}); nothing to do.{changed} To train it further, "
+                  "relaunch with a larger train.max_steps (AGD; AdamW's schedule needs optim.lr_decay_steps set "
+                  "from the start), "
+                  "or use another train.run_name.", flush=True)
+        return False
+
     def run(self) -> dict:
         cfg = self.cfg
-        if (self.run_dir / "DONE").is_file():
-            if self.env.is_main:
-                print(f"{self.run_dir} is finished (DONE); nothing to do. Use another train.run_name to train again.")
+        if (self.run_dir / "DONE").is_file() and not self._extends_finished_run():
             return {"finished_before": True, "run_dir": str(self.run_dir)}
         self.setup()
         last_val = None
@@ -281,9 +438,10 @@ class Trainer:
                 if self.step % cfg.train.eval_interval == 0 or at_end:
                     last_val = self.log_eval()
                 if self.step % cfg.train.ckpt_interval == 0 or at_end:
-                    self.save_checkpoint()
+                    self.save_checkpoint(at_end)
+            self.stop_if_skipping()
             if self.env.is_main:
-                (self.run_dir / "DONE").write_text(f"step {self.step}\n")
+                atomic_write_text(self.run_dir / "DONE", f"step {self.step}\n")
         finally:
             if hasattr(self, "metrics"):
                 self.metrics.close()
@@ -300,6 +458,19 @@ def _maybe_inject_fault(step: int, rank: int) -> None:
     if rank == min(1, int(os.environ.get("WORLD_SIZE", "1")) - 1):
         print(f"AGDLM_FAULT_AT_STEP: rank {rank} exits at step {step}", file=sys.stderr, flush=True)
         os._exit(17)
+
+
+def _maybe_poison_gradient(step: int, rank: int, model: torch.nn.Module) -> None:
+    """Test-only hook: AGDLM_FAULT_INF_GRAD_FROM_STEP=N puts an inf into one gradient element
+    of rank 1 (rank 0 on one process) before every optimiser step after step N; the loss
+    stays finite. Gradients that live in p.grad only (not DeepSpeed's buffers)."""
+    at = os.environ.get("AGDLM_FAULT_INF_GRAD_FROM_STEP")
+    if at is None or step < int(at) or rank != min(1, int(os.environ.get("WORLD_SIZE", "1")) - 1):
+        return
+    grad = next(p.grad for p in model.parameters() if p.grad is not None)
+    local = grad.to_local() if hasattr(grad, "to_local") else grad  # an FSDP2 shard
+    if local.numel():
+        local.view(-1)[0] = float("inf")
 
 
 def train(cfg: Config, command_line: list[str] | None = None) -> dict:
@@ -336,7 +507,10 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"agdlm: {e}", file=sys.stderr)
         return 3
-    except (DataSourceError, FileNotFoundError) as e:
+    except (ResumeRefused, DiskFullError, MetricsFileError) as e:
+        print(f"agdlm: {e}", file=sys.stderr)
+        return 2
+    except (DataSourceError, FileNotFoundError) as e:  # checkpoint files are checked before they are read
         print(f"agdlm: data error: {e}", file=sys.stderr)
         return 2
     code = 0 if result else 1
