@@ -8,23 +8,35 @@ OUT.pt is {"model": state dict (fp32, CPU), "model_config": the model section as
 Checkpoint layouts read here (what each backend writes in checkpoints/step_N/):
   single, ddp   model.pt                  the whole state dict
   fsdp2         dcp/                      torch.distributed.checkpoint shards
-  deepspeed     deepspeed/                the engine's checkpoint (ZeRO 1/2/3), read with
-                                          DeepSpeed's zero_to_fp32 (fp32 master weights)
+  deepspeed     deepspeed/                the engine's checkpoint (ZeRO 1/2/3), consolidated
+                                          as DeepSpeed's zero_to_fp32 does (fp32 master weights)
+
+Every file is read without running code from it (agdlm.parallel.safe_load): a run folder
+from someone else is safe to export. A file holding a pickled type that no checkpoint needs
+is refused; --trust-checkpoint loads it anyway, for a folder you made yourself.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
 import torch
 
 from agdlm.checkpoint import atomic_torch_save, checkpoints_dir, latest_checkpoint, read_json
-from agdlm.config import build_config, read_yaml_mapping
+from agdlm.config import ConfigError, build_config, read_yaml_mapping
 from agdlm.model import GPT, GPTConfig
 from agdlm.parallel import CHECKPOINT_LAYOUT
+from agdlm.parallel.safe_load import CheckpointReadError, dcp_load, deepspeed_fp32_state_dict, load_torch_file
+
+TRUST_HINT = "if you made this run folder yourself, pass --trust-checkpoint to load it anyway"
+
+
+class ExportError(Exception):
+    """An operator mistake export refuses, as one line."""
 
 
 def run_config(run_dir: Path):
@@ -34,56 +46,161 @@ def run_config(run_dir: Path):
     return build_config(read_yaml_mapping(path))
 
 
-def consolidated_state_dict(ckpt: Path, model_cfg) -> dict[str, torch.Tensor]:
-    """The whole model's fp32 weights from one checkpoint folder of any backend."""
-    ckpt = Path(ckpt)
-    model = GPT(model_cfg)
-    model_file, dcp_dir, ds_tag = (CHECKPOINT_LAYOUT[b] for b in ("single", "fsdp2", "deepspeed"))
-    if (ckpt / model_file).is_file():
-        state = torch.load(ckpt / model_file, map_location="cpu", weights_only=True)
-    elif (ckpt / dcp_dir).is_dir():
+def _trusted_state_dict(ckpt: Path, layout: str, model: GPT) -> dict:
+    """The backends' own readers, which unpickle anything: only behind --trust-checkpoint."""
+    if layout == "single":
+        return torch.load(ckpt / CHECKPOINT_LAYOUT["single"], map_location="cpu", weights_only=False)
+    if layout == "fsdp2":
         import torch.distributed.checkpoint as dcp
 
         state = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
-        dcp.load({"model": state}, checkpoint_id=str(ckpt / dcp_dir), no_dist=True)
-    elif (ckpt / ds_tag).is_dir():
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        dcp.load({"model": state}, checkpoint_id=str(ckpt / CHECKPOINT_LAYOUT["fsdp2"]), no_dist=True)
+        return state
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=ds_tag)
-    else:
-        raise FileNotFoundError(f"{ckpt} holds no {model_file}, {dcp_dir}/ or {ds_tag}/ checkpoint")
-    if model_cfg.tie_embeddings:  # one tensor under two names: fill whichever is missing
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=CHECKPOINT_LAYOUT["deepspeed"])
+
+
+def _safe_state_dict(ckpt: Path, layout: str, model: GPT) -> dict:
+    if layout == "single":
+        return load_torch_file(ckpt / CHECKPOINT_LAYOUT["single"])
+    if layout == "fsdp2":
+        state = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+        dcp_load({"model": state}, ckpt / CHECKPOINT_LAYOUT["fsdp2"], no_dist=True)
+        return state
+    return deepspeed_fp32_state_dict(ckpt / CHECKPOINT_LAYOUT["deepspeed"])
+
+
+def checkpoint_layout(ckpt: Path) -> str:
+    """Which backend family wrote `ckpt`: single (model.pt), fsdp2 (dcp/) or deepspeed."""
+    model_file, dcp_dir, ds_tag = (CHECKPOINT_LAYOUT[b] for b in ("single", "fsdp2", "deepspeed"))
+    if (ckpt / model_file).is_file():
+        return "single"
+    if (ckpt / dcp_dir).is_dir():
+        return "fsdp2"
+    if (ckpt / ds_tag).is_dir():
+        return "deepspeed"
+    raise CheckpointReadError(ckpt / model_file, f"missing: {ckpt} holds no {model_file}, {dcp_dir}/ or {ds_tag}/ checkpoint")
+
+
+def _check_matches(state, model: GPT, source: Path) -> None:
+    """Every tensor of the model present with its shape: a one-line error naming the first miss."""
+    if not isinstance(state, dict):
+        raise CheckpointReadError(source, "is not a model state dict")
+    expected_names = model.state_dict().keys()
+    extra = next((name for name in state if name not in expected_names), None)
+    if extra is not None:
+        raise CheckpointReadError(source, f"has an entry {extra!r} that the run's model (config.yaml) does not have")
+    for name, expected in model.state_dict().items():
+        found = state.get(name)
+        if not isinstance(found, torch.Tensor):
+            raise CheckpointReadError(source, f"has no tensor {name}: not a checkpoint of the run's model (config.yaml)")
+        if found.shape != expected.shape:
+            raise CheckpointReadError(source, f"{name} has shape {tuple(found.shape)}, the run's model "
+                                              f"(config.yaml) needs {tuple(expected.shape)}")
+
+
+def consolidated_state_dict(ckpt: Path, model_cfg, trust: bool = False) -> dict[str, torch.Tensor]:
+    """The whole model's fp32 weights from one checkpoint folder of any backend, read safely
+    unless `trust` (see agdlm.parallel.safe_load)."""
+    ckpt = Path(ckpt)
+    model = GPT(model_cfg)
+    layout = checkpoint_layout(ckpt)
+    state = (_trusted_state_dict if trust else _safe_state_dict)(ckpt, layout, model)
+    if model_cfg.tie_embeddings and isinstance(state, dict):  # one tensor under two names: fill whichever is missing
         for a, b in (("lm_head.weight", "transformer.wte.weight"), ("transformer.wte.weight", "lm_head.weight")):
             if a not in state and b in state:
                 state[a] = state[b]
+    _check_matches(state, model, ckpt / CHECKPOINT_LAYOUT[layout])
     model.load_state_dict(state)  # strict: every tensor present with its logical shape
     return {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
 
 
-def export(run_dir: Path, out: Path, checkpoint: str | None = None) -> Path:
-    run_dir = Path(run_dir)
+def _refuse_live_checkpoint(run_dir: Path, out: Path) -> None:
+    """OUT inside the run's checkpoints/ would overwrite (or sit among) the checkpoints a
+    resume reads."""
+    live = checkpoints_dir(run_dir).resolve()
+    target = out.resolve()
+    if target == live or live in target.parents:
+        raise ExportError(f"refusing to write {out} inside the run's own checkpoints folder {live}; choose a path outside it")
+
+
+def _writable_directory(out: Path) -> None:
+    parent = out.parent
+    if not parent.is_dir():
+        what = "does not exist" if not parent.exists() else "is not a directory"
+        raise ExportError(f"cannot write {out}: its directory {parent} {what}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ExportError(f"cannot write {out}: its directory {parent} is not writable")
+
+
+def _save(payload: dict, out: Path) -> None:
+    """atomic_torch_save (which removes its temporary file on any failure), with a failed
+    write reported as one line."""
+    try:
+        atomic_torch_save(payload, out)
+    except OSError as e:  # a full disk included: its strerror names the file
+        raise ExportError(f"cannot write {out}: {e.strerror or _one_line(e)}") from None
+    except RuntimeError as e:  # torch.save's stream writer reports I/O failures this way
+        raise ExportError(f"cannot write {out}: {_one_line(e)}") from None
+
+
+def _checkpoint_step(trainer: Path) -> int:
+    """The step recorded in trainer.json; -1 where a checkpoint has none."""
+    if not trainer.is_file():
+        return -1
+    try:
+        return int(read_json(trainer)["step"])
+    except (ValueError, KeyError, TypeError) as e:  # empty, truncated or edited by hand
+        raise CheckpointReadError(trainer, f"damaged ({_one_line(e)})") from None
+
+
+def export(run_dir: Path, out: Path, checkpoint: str | None = None, trust: bool = False) -> Path:
+    run_dir, out = Path(run_dir), Path(out)
+    _refuse_live_checkpoint(run_dir, out)
+    _writable_directory(out)
     cfg = run_config(run_dir)
     ckpt = checkpoints_dir(run_dir) / checkpoint if checkpoint else latest_checkpoint(run_dir)
     if ckpt is None or not ckpt.is_dir():
         raise FileNotFoundError(f"{run_dir} has no checkpoint {checkpoint or '(checkpoints/latest is missing)'}")
-    trainer = ckpt / "trainer.json"
     payload = {
-        "model": consolidated_state_dict(ckpt, cfg.model),
+        "model": consolidated_state_dict(ckpt, cfg.model, trust=trust),
         "model_config": dataclasses.asdict(cfg.model),
-        "step": int(read_json(trainer)["step"]) if trainer.is_file() else -1,
+        "step": _checkpoint_step(ckpt / "trainer.json"),
         "source": str(ckpt),
     }
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save(payload, out)
+    _save(payload, out)
     return out
 
 
 def load_exported(path: Path, device: str = "cpu") -> GPT:
-    payload = torch.load(path, map_location=device, weights_only=True)
-    model = GPT(GPTConfig(**payload["model_config"]))
+    path = Path(path)
+    payload = load_torch_file(path, map_location=device)
+    if not isinstance(payload, dict) or not {"model", "model_config"} <= payload.keys():
+        raise CheckpointReadError(path, "is not a model written by `agdlm export` (no model / model_config)")
+    try:
+        model = GPT(GPTConfig(**payload["model_config"]))
+    except (TypeError, ValueError) as e:
+        raise CheckpointReadError(path, f"has an unusable model_config ({_one_line(e)})") from None
+    _check_matches(payload["model"], model, path)
     model.load_state_dict(payload["model"])
     return model.to(device).eval()
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def explain(error: BaseException) -> str:
+    """The one stderr line for a failure of export or sample."""
+    text = _one_line(error)
+    if isinstance(error, CheckpointReadError) and error.refused_type:
+        text += f"; {TRUST_HINT}"
+    return text
+
+
+# What export and sample report as one line (exit 2) instead of a traceback.
+OPERATOR_ERRORS = (CheckpointReadError, ExportError, ConfigError, FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,11 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("out", type=Path)
     parser.add_argument("--checkpoint", default=None, help="a folder name under checkpoints/ (default: latest)")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="load pickled objects that no checkpoint needs (only for a run folder you made)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        out = export(args.run_dir, args.out, args.checkpoint)
-    except FileNotFoundError as e:
-        print(f"agdlm export: {e}", file=sys.stderr)
+        out = export(args.run_dir, args.out, args.checkpoint, trust=args.trust_checkpoint)
+    except OPERATOR_ERRORS as e:
+        print(f"agdlm export: {explain(e)}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
     return 0

@@ -16,6 +16,7 @@ from agdlm.checkpoint import atomic_torch_save
 from agdlm.config import ConfigError
 from agdlm.parallel import CHECKPOINT_LAYOUT
 from agdlm.parallel.env import DistEnv
+from agdlm.parallel.safe_load import load_torch_file
 
 MODEL_FILE = CHECKPOINT_LAYOUT["single"]  # the whole model, written by rank 0
 
@@ -112,11 +113,11 @@ class Backend:
                 atomic_torch_save(self.scaler.state_dict(), folder / "scaler.pt")
 
     def load(self, folder: Path) -> None:
-        state = torch.load(folder / MODEL_FILE, map_location=self.env.device, weights_only=True)
-        self.raw_model.load_state_dict(state)
-        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=self.env.device, weights_only=True))
+        """Read with agdlm.parallel.safe_load: a run folder from elsewhere runs no code."""
+        self.raw_model.load_state_dict(load_torch_file(folder / MODEL_FILE, map_location=self.env.device))
+        self.optimizer.load_state_dict(load_torch_file(folder / "optimizer.pt", map_location=self.env.device))
         if self.scaler.is_enabled() and (folder / "scaler.pt").is_file():
-            self.scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
+            self.scaler.load_state_dict(load_torch_file(folder / "scaler.pt"))
 
     def full_state_dict(self) -> dict:
         """The whole model's weights on CPU (rank 0 uses it; all ranks must call it)."""

@@ -22,6 +22,7 @@ import torch.nn as nn
 from agdlm.config import ConfigError
 from agdlm.parallel import CHECKPOINT_LAYOUT
 from agdlm.parallel.base import Backend
+from agdlm.parallel.safe_load import CheckpointReadError, safe_deepspeed_checkpoint_engine
 
 TAG = CHECKPOINT_LAYOUT["deepspeed"]  # the engine's checkpoint lives in checkpoints/step_N/deepspeed/
 ONE_SUB_GROUP = 10**15  # ZeRO-3 sub_group_size large enough that AGD sees one sub-group
@@ -128,9 +129,23 @@ class DeepSpeedBackend(Backend):
         self.engine.save_checkpoint(str(folder), tag=TAG, save_latest=False)
 
     def load(self, folder: Path) -> None:
+        self._read_checkpoints_safely()
         path, _ = self.engine.load_checkpoint(str(folder), tag=TAG, load_lr_scheduler_states=False)
         if path is None:
-            raise FileNotFoundError(f"{folder / TAG} holds no DeepSpeed checkpoint")
+            raise CheckpointReadError(folder / TAG, "holds no DeepSpeed checkpoint")
+
+    def _read_checkpoints_safely(self) -> None:
+        """DeepSpeed's torch checkpoint engine unpickles with weights_only=False; every file
+        the engine loads goes through its checkpoint engine, so swap in one that reads with an
+        allow-list (agdlm.parallel.safe_load). Another engine kind is refused, not trusted."""
+        from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+        current = self.engine.checkpoint_engine
+        if type(current) is not TorchCheckpointEngine:
+            if getattr(current, "reads_safely", False):
+                return
+            raise RuntimeError(f"cannot load DeepSpeed checkpoints safely with {type(current).__name__}")
+        self.engine.checkpoint_engine = safe_deepspeed_checkpoint_engine(self.engine._config)
 
     def full_state_dict(self) -> dict:
         params = list(self.raw_model.parameters())

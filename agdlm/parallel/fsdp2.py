@@ -29,6 +29,7 @@ from agdlm.checkpoint import atomic_torch_save
 from agdlm.config import ConfigError
 from agdlm.parallel import CHECKPOINT_LAYOUT
 from agdlm.parallel.base import Backend
+from agdlm.parallel.safe_load import dcp_load, load_torch_file
 
 DCP_DIR = CHECKPOINT_LAYOUT["fsdp2"]  # the sharded checkpoint inside checkpoints/step_N/
 
@@ -103,12 +104,12 @@ class FSDP2Backend(Backend):
         state = {"model": get_model_state_dict(self.raw_model)}
         if self._uses_dcp_optimizer():
             state["optim"] = get_optimizer_state_dict(self.raw_model, self.optimizer)
-        dcp.load(state, checkpoint_id=str(folder / DCP_DIR))
+        dcp_load(state, folder / DCP_DIR)  # metadata and non-tensor items unpickled with an allow-list
         set_model_state_dict(self.raw_model, state["model"])
         if self._uses_dcp_optimizer():
             set_optimizer_state_dict(self.raw_model, self.optimizer, state["optim"])
         else:
-            self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+            self.optimizer.load_state_dict(load_torch_file(folder / "optimizer.pt"))
 
     def full_state_dict(self) -> dict:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
