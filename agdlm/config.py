@@ -32,6 +32,7 @@ ModelConfig = GPTConfig  # the model section is the model's own config
 class OptimConfig:
     name: str = "agd"  # agd | adamw
     policy: str = "default"  # AGD: default | paper | agd_exp | modular
+    init: str = "default"  # default: the optimiser's init (AGD's init_weights); keep: the weights as they start (model.init_from)
     variant: str = "none"  # AGD study variants on top of a policy (README "AGD variants"); none = faithful
     gain: float = 1.0  # AGD: not a learning rate; kept for experiments
     lr: float = 6e-4  # AdamW from here on
@@ -75,6 +76,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     run_name: str = "demo"
     out_dir: str = "runs"
+    profile: dict[str, int] | None = None  # {start: N, steps: K}: a torch profiler trace of K steps into <run_dir>/profile/
 
 
 @dataclass
@@ -92,6 +94,7 @@ class LogConfig:
     entity: str | None = None
     group: str | None = None
     tags: list[str] = field(default_factory=list)
+    tensorboard: bool = False  # also write the scalars to <run_dir>/tensorboard/ (x-axis: tokens seen)
 
 
 @dataclass
@@ -132,6 +135,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.name": ("agd", "adamw"),
     "optim.policy": ("default", "paper", "agd_exp", "modular"),
     "optim.variant": ("none",),
+    "optim.init": ("default", "keep"),
     "data.tokenizer": ("gpt2", "bytes"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -316,6 +320,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be a list, got {value!r}")
         return [_coerce(key, v, args[0]) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return {str(k): _coerce(f"{key}.{k}", v, args[1]) for k, v in value.items()}
     raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - a bug in the dataclasses
 
 
@@ -379,6 +387,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.betas={list(o.betas)} must each be in [0, 1)")
     if o.weight_decay < 0 or o.grad_clip < 0:
         raise ConfigError("optim.weight_decay and optim.grad_clip must be >= 0")
+    if m.init_from and o.name == "agd" and o.init != "keep":
+        raise ConfigError(f"model.init_from={m.init_from!r} with optim.name=agd: AGD's init_weights (part of the "
+                          "algorithm) would overwrite those weights; set optim.init=keep to start AGD from them")
+    if t.profile is not None and (set(t.profile) != {"start", "steps"} or t.profile["start"] < 0
+                                  or t.profile["steps"] < 1):
+        raise ConfigError(f"train.profile={t.profile} must be {{start: N >= 0, steps: K >= 1}}")
     if not t.run_name or "/" in t.run_name or t.run_name in (".", ".."):
         raise ConfigError(f"train.run_name={t.run_name!r} must be a non-empty name without '/'")
 

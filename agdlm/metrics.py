@@ -168,13 +168,17 @@ def resolve_wandb_mode(mode: str) -> str:
 
 
 def build_metrics(cfg, run_dir: Path, env, resumed: bool = False) -> Metrics:
-    """Rank 0 logs to the console, <run_dir>/metrics.jsonl and (log.wandb != off) W&B;
-    other ranks log nothing."""
+    """Rank 0 logs to the console, <run_dir>/metrics.jsonl, (log.wandb != off) W&B and
+    (log.tensorboard) TensorBoard; other ranks log nothing."""
     if not env.is_main:
         return Metrics()
     sinks: list[Sink] = [ConsoleSink(), JsonlSink(Path(run_dir) / "metrics.jsonl")]
     if cfg.log.wandb != "off":
         sinks.append(WandbSink(cfg, run_dir, resumed=resumed))
+    if getattr(cfg.log, "tensorboard", False):
+        from agdlm.tensorboard_sink import TensorBoardSink
+
+        sinks.append(TensorBoardSink(run_dir))
     return Metrics(sinks)
 
 

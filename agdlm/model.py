@@ -28,6 +28,9 @@ class GPTConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     activation_checkpointing: bool = False
+    # Weights to start from (an HF GPT-2 folder or an `agdlm export` .safetensors file); read
+    # by the trainer, not by GPT, and kept here so the model section says where it came from.
+    init_from: str | None = None
 
 
 class LayerNorm(nn.LayerNorm):

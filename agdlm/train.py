@@ -32,12 +32,14 @@ from agdlm.metrics import MetricsFileError, build_metrics, memory_stats, metrics
 from agdlm.model import GPT
 from agdlm.parallel import CHECKPOINT_LAYOUT, build_backend, init_distributed, shutdown_distributed
 from agdlm.parallel.env import exit_without_teardown, launched_as_worker
+from agdlm.profiling import StepProfiler
 from agdlm import provenance
 
 # What must not change on resume (whole sections or single keys): otherwise the checkpoint is of a
 # different experiment. Other train.* and log.* keys may change (e.g. a longer max_steps for AGD);
 # parallel.* may change while the checkpoint layout stays the same.
 RESUME_MUST_MATCH = ("model", "optim", "data", "train.global_batch_size")
+OPTIMISER_STEP_NAME = {"agd": "AGD.step", "adamw": "AdamW.step"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -136,10 +138,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed + env.rank)  # dropout differs per rank; data does not
         self.data = self._build_data()
         model = GPT(cfg.model)
-        if not candidates and cfg.optim.name == "agd":
-            from agdlm.optim.agd import AGD
-
-            AGD(model, policy=cfg.optim.policy, gain=cfg.optim.gain).init_weights()
+        if not candidates:
+            self._initial_weights(model)
         self.backend = build_backend(cfg, env)
         self.backend.setup(model, make_optimizer_factory(cfg, env.device.type))
         self.peak_flops = peak_flops(env.device)
@@ -150,6 +150,21 @@ class Trainer:
             self._record_start(resume_from, bad, pointer_warning)
         env.barrier()
         self.metrics = build_metrics(cfg, self.run_dir, env, resumed=resume_from is not None)
+
+    def _initial_weights(self, model: GPT) -> None:
+        """A fresh run: AGD's init (part of the algorithm) unless optim.init=keep, then the
+        weights of model.init_from (config validation ties the two together)."""
+        cfg = self.cfg
+        if cfg.optim.name == "agd" and cfg.optim.init != "keep":
+            from agdlm.optim.agd import AGD
+
+            AGD(model, policy=cfg.optim.policy, gain=cfg.optim.gain).init_weights()
+        if cfg.model.init_from:
+            from agdlm.init_from import init_model
+
+            for warning in init_model(model, cfg.model.init_from, cfg.data.tokenizer):
+                if self.env.is_main:
+                    print(f"agdlm: warning: {warning}", file=sys.stderr, flush=True)
 
     def _build_data(self):
         cfg, env = self.cfg, self.env
@@ -331,7 +346,8 @@ class Trainer:
             raise TrainingDiverged(f"train loss is {loss_value} at step {self.step + 1}; stopping. {self._last_good()}")
         self._stop_if_too_many_skips(skips)
         _maybe_poison_gradient(self.step, self.env.rank, backend.raw_model)
-        stats = backend.optimizer_step(cfg.optim.grad_clip if cfg.optim.name == "adamw" else 0.0)
+        with torch.profiler.record_function(OPTIMISER_STEP_NAME[cfg.optim.name]):  # named in profiler traces
+            stats = backend.optimizer_step(cfg.optim.grad_clip if cfg.optim.name == "adamw" else 0.0)
         return loss, stats
 
     def _sync_loss_and_skips(self, loss: torch.Tensor) -> tuple[float, int]:
@@ -416,16 +432,19 @@ class Trainer:
             return {"finished_before": True, "run_dir": str(self.run_dir)}
         self.setup()
         last_val = None
+        profiler = StepProfiler(cfg.train.profile, self.run_dir, self.env.is_main, self.env.device)
         try:
             if self.step == 0:
                 last_val = self.log_eval()
             skipped, train_time, steps_in_interval = 0, 0.0, 0
             while self.step < self.total_steps:
                 _maybe_inject_fault(self.step, self.env.rank)
+                profiler.before_step(self.step)
                 t0 = time.perf_counter()  # eval and checkpoint time stay out of step_time_s
                 loss, stats = self.train_step()
                 train_time += time.perf_counter() - t0
                 self.step += 1
+                profiler.after_step(self.step)
                 steps_in_interval += 1
                 skipped += int(bool(stats.get("skipped_step", False)))
                 at_end = self.step == self.total_steps
@@ -443,6 +462,7 @@ class Trainer:
             if self.env.is_main:
                 atomic_write_text(self.run_dir / "DONE", f"step {self.step}\n")
         finally:
+            profiler.stop(self.step)
             if hasattr(self, "metrics"):
                 self.metrics.close()
         return {"run_dir": str(self.run_dir), "step": self.step, "val_loss": last_val}
