@@ -1,9 +1,18 @@
-"""`agdlm export RUN_DIR OUT.pt [--checkpoint step_N]`: one consolidated model file from any
-backend's checkpoint, on one process, without a process group.
+"""`agdlm export RUN_DIR OUT [--format safetensors|pt|hf] [--checkpoint step_N]`: one
+consolidated model from any backend's checkpoint, on one process, without a process group.
 
-OUT.pt is {"model": state dict (fp32, CPU), "model_config": the model section as a dict,
-"step": the checkpoint's step, "source": the checkpoint folder}; it loads with
-`torch.load(OUT.pt, weights_only=True)` into `GPT(GPTConfig(**model_config))`.
+Formats (default: pt when OUT ends in .pt, else safetensors):
+  safetensors  OUT is one file: the fp32 state dict under agdlm's names (a tied head once)
+               with the model section, step, source and tokenizer in its metadata
+               (agdlm.model_file); nothing in it is a pickle. `agdlm sample`/`eval` and
+               `model.init_from` read it.
+  hf           OUT is a folder that transformers' GPT2LMHeadModel.from_pretrained loads
+               without agdlm: model.safetensors, config.json, generation_config.json and,
+               for data.tokenizer=gpt2, GPT-2's tokenizer files (agdlm.hf: Conv1D layout,
+               exact GELU, zero biases for bias=false, vocab sliced to the tokenizer's ids).
+  pt           the legacy pickle: {"model": state dict (fp32, CPU), "model_config": the model
+               section, "step", "source"}; loads with `torch.load(OUT.pt, weights_only=True)`
+               into `GPT(GPTConfig(**model_config))`.
 
 Checkpoint layouts read here (what each backend writes in checkpoints/step_N/):
   single, ddp   model.pt                  the whole state dict
@@ -26,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from agdlm.checkpoint import atomic_torch_save, checkpoints_dir, latest_checkpoint, read_json
+from agdlm.checkpoint import atomic_torch_save, atomic_write_bytes, checkpoints_dir, latest_checkpoint, read_json
 from agdlm.config import ConfigError, build_config, read_yaml_mapping
 from agdlm.model import GPT, GPTConfig
 from agdlm.parallel import CHECKPOINT_LAYOUT
@@ -35,8 +44,15 @@ from agdlm.parallel.safe_load import CheckpointReadError, dcp_load, deepspeed_fp
 TRUST_HINT = "if you made this run folder yourself, pass --trust-checkpoint to load it anyway"
 
 
+FORMATS = ("safetensors", "pt", "hf")
+
+
 class ExportError(Exception):
     """An operator mistake export refuses, as one line."""
+
+
+def default_format(out: Path) -> str:
+    return "pt" if Path(out).suffix == ".pt" else "safetensors"
 
 
 def run_config(run_dir: Path):
@@ -155,22 +171,65 @@ def _checkpoint_step(trainer: Path) -> int:
         raise CheckpointReadError(trainer, f"damaged ({_one_line(e)})") from None
 
 
-def export(run_dir: Path, out: Path, checkpoint: str | None = None, trust: bool = False) -> Path:
+def export(run_dir: Path, out: Path, checkpoint: str | None = None, trust: bool = False,
+           fmt: str | None = None, notes: list[str] | None = None) -> Path:
+    """Write the model of `checkpoint` (default: the latest) as `fmt` (default_format(out));
+    lines worth telling the operator (e.g. no tokenizer written) are appended to `notes`."""
     run_dir, out = Path(run_dir), Path(out)
+    fmt = fmt or default_format(out)
+    if fmt not in FORMATS:
+        raise ExportError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
     _refuse_live_checkpoint(run_dir, out)
     _writable_directory(out)
+    if fmt != "hf" and out.is_dir():
+        raise ExportError(f"cannot write {out}: it is a directory (--format hf writes a folder)")
     cfg = run_config(run_dir)
     ckpt = checkpoints_dir(run_dir) / checkpoint if checkpoint else latest_checkpoint(run_dir)
     if ckpt is None or not ckpt.is_dir():
         raise FileNotFoundError(f"{run_dir} has no checkpoint {checkpoint or '(checkpoints/latest is missing)'}")
-    payload = {
-        "model": consolidated_state_dict(ckpt, cfg.model, trust=trust),
-        "model_config": dataclasses.asdict(cfg.model),
-        "step": _checkpoint_step(ckpt / "trainer.json"),
-        "source": str(ckpt),
-    }
-    _save(payload, out)
+    state = consolidated_state_dict(ckpt, cfg.model, trust=trust)
+    step = _checkpoint_step(ckpt / "trainer.json")
+    if fmt == "pt":
+        _save({"model": state, "model_config": dataclasses.asdict(cfg.model), "step": step, "source": str(ckpt)}, out)
+    elif fmt == "safetensors":
+        from agdlm.model_file import model_file_bytes
+
+        _write(lambda: atomic_write_bytes(out, model_file_bytes(state, cfg.model, step, str(ckpt), cfg.data.tokenizer)),
+               out)
+    else:
+        written = _write(lambda: _write_hf_folder(state, cfg, out, step), out)
+        if notes is not None:
+            notes.extend(written)
     return out
+
+
+def _write_hf_folder(state: dict, cfg, out: Path, step: int) -> list[str]:
+    """Build the folder beside OUT, then move it into place: OUT is never half written. An
+    existing OUT is replaced only when it is empty or an HF folder (has config.json)."""
+    import shutil
+    import tempfile
+
+    from agdlm.hf import write_hf_folder
+
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "config.json").is_file())):
+        raise ExportError(f"cannot write {out}: it exists and is not an HF model folder (no config.json)")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        notes = write_hf_folder(state, cfg.model, tmp, cfg.data.tokenizer, step)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return notes
+
+
+def _write(write, out: Path):
+    """Run `write`, reporting a failed write as one line (a full disk names the file)."""
+    try:
+        return write()
+    except OSError as e:
+        raise ExportError(f"cannot write {out}: {e.strerror or _one_line(e)}") from None
 
 
 def load_exported(path: Path, device: str = "cpu") -> GPT:
@@ -207,15 +266,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="agdlm export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("out", type=Path)
+    parser.add_argument("out", type=Path, help="a file (safetensors, pt) or a folder (hf)")
+    parser.add_argument("--format", choices=FORMATS, default=None,
+                        help="safetensors (default), hf (a transformers GPT-2 folder) or pt (legacy pickle; "
+                             "the default when OUT ends in .pt)")
     parser.add_argument("--checkpoint", default=None, help="a folder name under checkpoints/ (default: latest)")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="load pickled objects that no checkpoint needs (only for a run folder you made)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        out = export(args.run_dir, args.out, args.checkpoint, trust=args.trust_checkpoint)
+        notes: list[str] = []
+        out = export(args.run_dir, args.out, args.checkpoint, trust=args.trust_checkpoint, fmt=args.format, notes=notes)
     except OPERATOR_ERRORS as e:
         print(f"agdlm export: {explain(e)}", file=sys.stderr)
         return 2
+    for note in notes:
+        print(f"agdlm export: note: {note}", file=sys.stderr)
     print(f"wrote {out}")
     return 0

@@ -1,6 +1,8 @@
-"""`agdlm sample RUN_DIR|OUT.pt --prompt TEXT`: generate text from a run's latest checkpoint
-(any backend) or from a model exported by `agdlm export`. Checkpoints are read without
-running code from them (see `agdlm export --help`); --trust-checkpoint as there."""
+"""`agdlm sample RUN_DIR|HF_DIR|FILE --prompt TEXT [--greedy]`: generate text from a run's
+latest checkpoint (any backend), an HF GPT-2 folder or a model exported by `agdlm export`
+(.safetensors or .pt). Checkpoints are read without running code from them (see `agdlm
+export --help`); --trust-checkpoint as there. --greedy takes the most likely token at each
+step (among the tokenizer's ids), as transformers' generate(do_sample=False) does."""
 
 from __future__ import annotations
 
@@ -10,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from agdlm.checkpoint import latest_checkpoint
 from agdlm.data.tokenizer import encoding_for
-from agdlm.export import OPERATOR_ERRORS, consolidated_state_dict, explain, load_exported, run_config
+from agdlm.export import OPERATOR_ERRORS, explain
+from agdlm.loading import load_model_from
 from agdlm.model import GPT
 
 
@@ -20,28 +22,20 @@ class SampleArgumentError(ValueError):
     """A sampling option that cannot work, as one line naming the flag."""
 
 
-def tokenizer_of(path: Path) -> str:
-    """`data.tokenizer` of the run that made `path` (an exported file's folder may hold none: gpt2)."""
-    path = Path(path)
-    try:
-        return run_config(path).data.tokenizer if path.is_dir() else "gpt2"
-    except FileNotFoundError:
-        return "gpt2"
-
-
 def load_model(path: Path, device: str = "cpu", trust: bool = False) -> GPT:
-    """The GPT of a run's latest checkpoint, or of a file written by `agdlm export`. A
-    sharded checkpoint (FSDP2, DeepSpeed) is consolidated on the fly, as export does."""
-    path = Path(path)
-    if path.is_file():
-        return load_exported(path, device)
-    cfg = run_config(path)
-    ckpt = latest_checkpoint(path)
-    if ckpt is None:
-        raise FileNotFoundError(f"{path} has no checkpoint yet (checkpoints/latest is missing)")
-    model = GPT(cfg.model)
-    model.load_state_dict(consolidated_state_dict(ckpt, cfg.model, trust=trust))
-    return model.to(device).eval()
+    """The GPT of a run's latest checkpoint, an HF GPT-2 folder, or a file written by
+    `agdlm export`. A sharded checkpoint (FSDP2, DeepSpeed) is consolidated on the fly, as
+    export does."""
+    return load_model_from(path, device, trust=trust).model
+
+
+@torch.no_grad()
+def greedy_generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, n_vocab: int) -> torch.Tensor:
+    """The most likely next token, step by step; padded vocab rows (ids >= n_vocab) never win."""
+    for _ in range(max_new_tokens):
+        logits, _ = model(idx[:, -model.config.block_size:])
+        idx = torch.cat((idx, logits[:, -1, :n_vocab].argmax(dim=-1, keepdim=True)), dim=1)
+    return idx
 
 
 def checked_device(name: str) -> str:
@@ -61,7 +55,7 @@ def checked_device(name: str) -> str:
 def check_sampling_args(args) -> None:
     if args.top_k < 1:
         raise SampleArgumentError(f"--top-k {args.top_k}: must be at least 1 (sampling keeps the k most likely tokens)")
-    if not args.temperature > 0:
+    if not args.temperature > 0 and not args.greedy:
         raise SampleArgumentError(f"--temperature {args.temperature}: must be greater than 0")
     if args.max_new_tokens < 0:
         raise SampleArgumentError(f"--max-new-tokens {args.max_new_tokens}: must be 0 or more")
@@ -79,14 +73,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=200)
     parser.add_argument("--num-samples", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--greedy", action="store_true",
+                        help="always the most likely token (no sampling: --temperature and --top-k are ignored)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="load pickled objects that no checkpoint needs (only for a run folder you made)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         check_sampling_args(args)
-        model = load_model(args.run_dir, args.device, trust=args.trust_checkpoint)
-        enc = encoding_for(tokenizer_of(args.run_dir))
+        loaded = load_model_from(args.run_dir, args.device, trust=args.trust_checkpoint)
+        model, enc = loaded.model, encoding_for(loaded.tokenizer)
+        for warning in loaded.warnings:
+            print(f"agdlm sample: warning: {warning}", file=sys.stderr)
     except (SampleArgumentError, *OPERATOR_ERRORS) as e:
         print(f"agdlm sample: {explain(e)}", file=sys.stderr)
         return 2
@@ -94,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     ids = enc.encode_ordinary(args.prompt) or [enc.eot_token]
     x = torch.tensor([ids], dtype=torch.long, device=args.device)
     for _ in range(args.num_samples):
-        out = model.generate(x, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
+        if args.greedy:
+            out = greedy_generate(model, x, args.max_new_tokens, enc.n_vocab)
+        else:
+            out = model.generate(x, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
         tokens = [t for t in out[0].tolist() if t < enc.n_vocab]  # padded vocab rows are never text
         print(enc.decode(tokens))
         print("-" * 40)
