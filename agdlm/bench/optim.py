@@ -1,10 +1,21 @@
-"""`agdlm bench optim`: one optimiser step, AGD vs torch AdamW, on GPT-2-124M-shaped
-parameters with random gradients, in one process. Steps are interleaved (AGD, AdamW, AGD,
-...) so both see the same machine state; the medians are printed, never asserted.
+"""`agdlm bench optim`: one optimiser step, AGD vs torch AdamW, with random gradients, in one
+process, for three parameter sets:
+
+  gpt2-124m     GPT-2-124M shapes (149 tensors): the memory-bound case
+  48x64         48 layers x 64 wide, no bias (gpt2-1.5b's tensor count, 291 tensors): host-bound
+  48x64-bias    the same with biases (580 tensors)
+
+Steps are interleaved (AGD, AdamW, AGD, ...) so both see the same machine state; medians are
+printed, never asserted. `ops/step` counts the top-level aten ops of one step from the torch
+profiler (on a GPU each compute op is at least one kernel launch); `compute ops` leaves out
+view-only ops (view, slice, detach, ...) that launch nothing. `log_metrics` is the host time
+of one AGD diagnostics call (a host sync).
 
 Bytes each step must move (the floor for a memory-bound step), N parameters of b bytes:
   AGD:          reads every grad twice (norm pass, update pass), reads each weight once and
-                writes it: 4 N b; no optimiser state.
+                writes it: 4 N b; no optimiser state. The non-finite guard (zeroing a gradient
+                that a skipped step would otherwise turn into NaN weights) reads and writes
+                each grad once more: 6 N b in all.
   fused AdamW:  reads weight, grad, exp_avg, exp_avg_sq; writes weight, exp_avg,
                 exp_avg_sq: 7 N b; state 2 N b.
 """
@@ -17,31 +28,60 @@ import time
 
 import torch
 
+VIEW_OPS = {"aten::view", "aten::view_as", "aten::slice", "aten::detach", "aten::alias", "aten::as_strided", "aten::select",
+            "aten::unbind", "aten::_reshape_alias", "aten::reshape", "aten::expand", "aten::t", "aten::transpose",
+            "aten::lift_fresh", "aten::_unsafe_view", "aten::squeeze", "aten::unsqueeze", "aten::empty",
+            "aten::empty_strided", "aten::resolve_conj", "aten::resolve_neg"}
+
+CASES = {
+    "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, bias=True),
+    "48x64": dict(n_layer=48, n_head=1, n_embd=64, block_size=1024, bias=False),
+    "48x64-bias": dict(n_layer=48, n_head=1, n_embd=64, block_size=1024, bias=True),
+}
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def main(argv: list[str] | None = None) -> int:
+def count_ops(fn) -> tuple[int, int]:
+    """(top-level aten ops, of which compute ops) of one call of fn."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    def under_aten(e) -> bool:
+        parent = e.cpu_parent
+        while parent is not None:
+            if parent.name.startswith("aten::"):
+                return True
+            parent = parent.cpu_parent
+        return False
+
+    top = [e.name for e in prof.events() if e.name.startswith("aten::") and not under_aten(e)]
+    return len(top), sum(1 for n in top if n not in VIEW_OPS)
+
+
+def time_interleaved(steps: dict, device, warmup: int, repeats: int) -> dict[str, float]:
+    times = {name: [] for name in steps}
+    for i in range(warmup + repeats):
+        for name, fn in steps.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def bench_case(name: str, shapes: dict, device, warmup: int, repeats: int) -> dict:
     from agdlm.model import GPT, GPTConfig
     from agdlm.optim import AGD
 
-    ap = argparse.ArgumentParser(prog="agdlm bench optim", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=7, help="timed steps of each optimiser (default 7)")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps of each first (default 2)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--n-layer", type=int, default=12)
-    ap.add_argument("--n-embd", type=int, default=768)
-    ap.add_argument("--n-head", type=int, default=12)
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     torch.manual_seed(0)
-    cfg = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=1024)
+    cfg = GPTConfig(vocab_size=50304, **shapes)
 
     def make():
         m = GPT(cfg).to(device)
@@ -51,38 +91,52 @@ def main(argv: list[str] | None = None) -> int:
 
     m_agd, m_adam = make(), make()
     agd = AGD(m_agd)
-    fused_ok = True
     try:
         adam = torch.optim.AdamW(m_adam.parameters(), lr=1e-4, fused=True)
         adam.step()
+        kind = "fused"
     except (RuntimeError, TypeError):
-        fused_ok = False
         adam = torch.optim.AdamW(m_adam.parameters(), lr=1e-4, foreach=True)
-    kind = "fused" if fused_ok else "foreach"
-    n_params = sum(p.numel() for p in m_agd.parameters())
-    b = next(m_agd.parameters()).element_size()
+        kind = "foreach"
+    agd.step()
+    med = time_interleaved({"agd": agd.step, "adamw": adam.step}, device, warmup, repeats)
+    ops, compute = count_ops(agd.step)
+    adam_ops, adam_compute = count_ops(adam.step)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        agd.log_metrics()
+    log_s = (time.perf_counter() - t0) / 3
+    params = list(m_agd.parameters())
+    return dict(case=name, tensors=len(params), params=sum(p.numel() for p in params), kind=kind,
+                agd_ms=med["agd"] * 1e3, adamw_ms=med["adamw"] * 1e3, ratio=med["agd"] / med["adamw"],
+                ops=ops, compute_ops=compute, adamw_ops=adam_ops, adamw_compute_ops=adam_compute,
+                log_metrics_ms=log_s * 1e3, bytes_per_param=next(m_agd.parameters()).element_size())
 
-    t_agd, t_adam = [], []
-    for i in range(args.warmup + args.repeats):
-        for opt, times in ((agd, t_agd), (adam, t_adam)):
-            _sync(device)
-            t0 = time.perf_counter()
-            opt.step()
-            _sync(device)
-            if i >= args.warmup:
-                times.append(time.perf_counter() - t0)
-    state_adam = sum(t.numel() * t.element_size() for s in adam.state.values() for t in s.values()
-                     if torch.is_tensor(t) and t.dim() > 0)
-    state_agd = sum(t.numel() * t.element_size() for s in agd.state.values() for t in s.values()
-                    if torch.is_tensor(t))
-    med_agd, med_adam = statistics.median(t_agd), statistics.median(t_adam)
-    bytes_agd, bytes_adam = 4 * n_params * b, 7 * n_params * b
-    print(f"device={device} threads={torch.get_num_threads()} params={n_params:,} dtype={next(m_agd.parameters()).dtype} "
-          f"repeats={args.repeats}")
-    print(f"AGD step (median)            {med_agd * 1e3:9.2f} ms")
-    print(f"AdamW {kind:<7} step (median) {med_adam * 1e3:9.2f} ms")
-    print(f"ratio AGD/AdamW              {med_agd / med_adam:9.3f}")
-    print(f"optimizer state bytes        AGD {state_agd:,}   AdamW {state_adam:,}")
-    print(f"bytes moved per step         AGD {bytes_agd:,}   AdamW {bytes_adam:,}   ratio {bytes_agd / bytes_adam:.3f}")
-    print(f"effective bandwidth          AGD {bytes_agd / med_agd / 1e9:.2f} GB/s   AdamW {bytes_adam / med_adam / 1e9:.2f} GB/s")
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="agdlm bench optim", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=7, help="timed steps of each optimiser (default 7)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps of each first (default 2)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of: {', '.join(CASES)}")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    names = [c for c in args.cases.split(",") if c]
+    unknown = [c for c in names if c not in CASES]
+    if unknown:
+        ap.error(f"unknown case(s) {', '.join(unknown)} (choose from {', '.join(CASES)})")
+    print(f"device={device} threads={torch.get_num_threads()} repeats={args.repeats} (medians, interleaved)")
+    head = (f"{'case':<11} {'tensors':>7} {'params':>12} {'AGD ms':>8} {'AdamW ms':>9} {'ratio':>6} "
+            f"{'ops/step':>8} {'ops/tensor':>10} {'compute/tensor':>14} {'AdamW ops':>9} {'log_metrics ms':>14}")
+    print(head)
+    for name in names:
+        r = bench_case(name, CASES[name], device, args.warmup, args.repeats)
+        print(f"{r['case']:<11} {r['tensors']:>7} {r['params']:>12,} {r['agd_ms']:>8.2f} {r['adamw_ms']:>9.2f} "
+              f"{r['ratio']:>6.2f} {r['ops']:>8} {r['ops'] / r['tensors']:>10.2f} "
+              f"{r['compute_ops'] / r['tensors']:>14.2f} {r['adamw_ops']:>9} {r['log_metrics_ms']:>14.1f}")
+    print("AdamW: torch.optim.AdamW (fused where available). ratio = AGD / AdamW step time.")
     return 0

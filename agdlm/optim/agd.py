@@ -172,6 +172,7 @@ class AGD(torch.optim.Optimizer):
         self.consecutive_skips = torch.zeros((), dtype=torch.long, device=device)
         self.skipped_steps = torch.zeros((), dtype=torch.long, device=device)
         self._w0_sq: torch.Tensor | None = None  # per-part ||W||^2 before the first step
+        self._w0_local: torch.Tensor | None = None  # its local partial sums, before the reduce
 
     # ---- static layout ------------------------------------------------------------------
     def _signature(self) -> list[str]:
@@ -247,6 +248,7 @@ class AGD(torch.optim.Optimizer):
             row_comp=t(row_comp),
             grad_sq=t(sq_all),
             sqrt_mask=t([c.norm in ("frobenius", "rms", "follow") for c in comps], acc),
+            is_sign=t([c.norm == "sign" for c in comps], torch.bool),
             norm_coef=t(self._norm_coef, acc),
             dual_coef=t(self._dual_coef, acc),
             ss_src=t(self._ss_src),
@@ -266,11 +268,36 @@ class AGD(torch.optim.Optimizer):
         self.binding = binding
         self._plan_cache = None
 
+    def _local_layout(self) -> list[tuple[int, int, torch.Tensor, int, int | None]]:
+        """Whole-tensor bindings: per segment (segment, param index, weight view, start, stop
+        or None when the segment is the whole tensor), built once and rebuilt only when a
+        parameter's storage moves (checked by data pointer), so a step makes no views of
+        whole-tensor weights and only one slice per sub-tensor part (q/k/v, rows)."""
+        key = tuple(p.data_ptr() for p in self.params)
+        if getattr(self, "_layout_key", None) != key:
+            layout = []
+            for si, seg in enumerate(self.segments):
+                p = self.params[seg["param"]]
+                whole = seg["start"] == 0 and seg["stop"] == p.numel() and seg["norm"] != "rows"
+                w = p.detach() if whole else p.detach().view(-1)[seg["start"] : seg["stop"]]
+                layout.append((si, seg["param"], w, seg["start"], None if whole else seg["stop"]))
+            self._layout, self._layout_key = layout, key
+        return self._layout
+
     def _gather_pieces(self, binding=None):
         """[(segment index, weight view, grad view or None, absolute flat start)] for every
         overlap of a held piece with a part."""
-        out = []
         binding = binding or self.binding
+        if isinstance(binding, (LocalBinding, AveragedGradBinding)):
+            grads = binding.grads if isinstance(binding, AveragedGradBinding) else [p.grad for p in self.params]
+            out = []
+            for si, pi, w, start, stop in self._local_layout():
+                g = grads[pi]
+                if g is not None and stop is not None:  # (grads never require grad: no detach)
+                    g = g.view(-1)[start:stop]
+                out.append((si, w, g, start))
+            return out
+        out = []
         for i in range(len(self.params)):
             segs = self.by_param[i]
             if not segs:
@@ -289,12 +316,60 @@ class AGD(torch.optim.Optimizer):
         return out
 
     # ---- stage (a) ----------------------------------------------------------------------
+    def _flat_plan(self, pieces, device) -> dict | None:
+        """The small pieces (under FLAT_MAX_NUMEL elements, Frobenius/RMS/follow/sign, one
+        dtype) are served by one flat buffer: a fixed handful of ops for all of them, however
+        many tensors the model has (the host-bound case: deep, narrow models). Sign pieces come
+        last so their elements are one contiguous tail. Cached per piece layout."""
+        small = [k for k, (si, w, g, _) in enumerate(pieces)
+                 if g is not None and g.numel() < FLAT_MAX_NUMEL and g.dtype == w.dtype
+                 and self.segments[si]["norm"] in ("frobenius", "rms", "follow", "sign")
+                 and si not in self._spectral_segments]
+        if len(small) < 2:
+            return None
+        dtype = pieces[small[0]][2].dtype
+        small = [k for k in small if pieces[k][2].dtype == dtype]
+        small.sort(key=lambda k: self.segments[pieces[k][0]]["norm"] == "sign")
+        key = (tuple((pieces[k][0], pieces[k][2].numel()) for k in small), device, dtype)
+        cache = self.__dict__.setdefault("_flat_cache", {})
+        if key not in cache:
+            if len(cache) > 8:
+                cache.clear()
+            segs = [self.segments[pieces[k][0]] for k in small]
+            sizes = [pieces[k][2].numel() for k in small]
+            n_sign = sum(1 for seg in segs if seg["norm"] == "sign")
+
+            def t(x):
+                return torch.tensor(x, dtype=torch.long, device=device)
+
+            cache[key] = dict(
+                sizes=sizes, total=sum(sizes), lens=t(sizes), sq_slot=t([seg["sq"] for seg in segs]),
+                comp=t([seg["comp"] for seg in segs]), sign_start=sum(sizes[: len(sizes) - n_sign]),
+                sign_lens=t(sizes[len(sizes) - n_sign :]),
+                sign_slots=t([seg["abs"] for seg in segs if seg["norm"] == "sign"]
+                             + [seg["nnz"] for seg in segs if seg["norm"] == "sign"]),
+            )
+        return dict(cache[key], pieces=small)
+
     def _local_sums(self, pieces, device) -> torch.Tensor:
         acc = self.acc_dtype
         vec = torch.zeros(self.n_slots, dtype=acc, device=device)
-        sq_views, sq_slots, abs_views, abs_slots = [], [], [], []
-        for si, w, g, lo in pieces:
-            if g is None:
+        plan = self._flat_plan(pieces, device)
+        self._flat_step = None
+        if plan is not None:  # (a) for every small piece at once
+            flat = torch.cat([pieces[k][2].reshape(-1) for k in plan["pieces"]])
+            wide = flat if flat.dtype == acc else flat.to(acc)
+            vec.index_add_(0, plan["sq_slot"], torch.segment_reduce(wide.square(), "sum", lengths=plan["lens"]))
+            if len(plan["sign_lens"]):
+                tail = wide[plan["sign_start"] :]
+                l1 = torch.segment_reduce(tail.abs(), "sum", lengths=plan["sign_lens"])
+                nnz = torch.segment_reduce((tail != 0).to(acc), "sum", lengths=plan["sign_lens"])
+                vec.index_add_(0, plan["sign_slots"], torch.cat([l1, nnz]))
+            self._flat_step = (plan, flat)
+        flat_pieces = set(plan["pieces"]) if plan is not None else set()
+        sq_views, sq_slots, abs_views, abs_slots, nnz_slots = [], [], [], [], []
+        for k, (si, w, g, lo) in enumerate(pieces):
+            if g is None or k in flat_pieces:
                 continue
             seg = self.segments[si]
             norm = seg["norm"]
@@ -309,12 +384,14 @@ class AGD(torch.optim.Optimizer):
             if norm == "sign":
                 abs_views.append(g)
                 abs_slots.append(seg["abs"])
-                vec[seg["nnz"]] += (g != 0).sum().to(acc)
+                nnz_slots.append(seg["nnz"])
         if sq_views:
-            vec.index_add_(0, self._index(tuple(sq_slots), device), _sums_of_squares(sq_views, acc))
-        if abs_views:
-            norms = torch._foreach_norm(abs_views, 1, dtype=acc)
-            vec.index_add_(0, self._index(tuple(abs_slots), device), torch.stack(norms))
+            values, order = _sums_of_squares(sq_views, acc)
+            vec.index_add_(0, self._index(tuple(sq_slots[i] for i in order), device), values)
+        if abs_views:  # one multi-tensor op each for sum |g| and the nonzero count (ord 0)
+            l1 = torch.stack(torch._foreach_norm(abs_views, 1, dtype=acc))
+            nnz = torch.stack(torch._foreach_norm(abs_views, 0, dtype=acc))
+            vec.index_add_(0, self._index(tuple(abs_slots) + tuple(nnz_slots), device), torch.cat([l1, nnz]))
         return vec
 
     def _index(self, slots: tuple, device) -> torch.Tensor:
@@ -355,23 +432,42 @@ class AGD(torch.optim.Optimizer):
                     comp_scale=comp_scale, sign_scale=sign_scale, row_scale=row_scale, vec=vec)
 
     def _apply(self, pieces, d: dict, directions: dict | None = None) -> None:
+        flat_pieces = set()
+        if self._flat_step is not None:  # (c) for every small piece at once
+            plan, flat = self._flat_step
+            flat_pieces = set(plan["pieces"])
+            flat.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # see the guard below
+            t = self._static_tensors(flat.device)
+            scale = torch.where(t["is_sign"], d["sign_scale"], d["comp_scale"])[plan["comp"]]
+            if len(plan["sign_lens"]):
+                flat[plan["sign_start"] :].sign_()
+            flat.mul_(scale.to(flat.dtype).repeat_interleave(plan["lens"], output_size=plan["total"]))
+            ws = [pieces[k][1] for k in plan["pieces"]]
+            torch._foreach_add_(ws, [u.view_as(w) for u, w in zip(flat.split(plan["sizes"]), ws)])
+            self._flat_step = None
         comp_scale = d["comp_scale"].unbind(0)
         sign_scale = d["sign_scale"].unbind(0)
         row_scale, row_offset = d["row_scale"], self._row_scale_offsets()
-        for k, (si, w, g, lo) in enumerate(pieces):
-            if g is None:
-                continue
-            # A non-finite gradient times a zero (skipped) scale would still be NaN: zero it.
-            # The identity whenever G is finite; the gradient is not used after the step.
+        live = [g for k, (_, _, g, _) in enumerate(pieces) if g is not None and k not in flat_pieces]
+        # A non-finite gradient times a zero (skipped) scale would still be NaN: zero it. The
+        # identity whenever G is finite (then every gradient is); the gradient is not used after
+        # the step. It costs one more read and write of each gradient (no fused kernel does it).
+        for g in live:
             g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        sign_pieces = [k for k, (si, _, g, _) in enumerate(pieces)
+                       if g is not None and k not in flat_pieces and self.segments[si]["norm"] == "sign"]
+        signs = dict(zip(sign_pieces, torch._foreach_sign([pieces[k][2] for k in sign_pieces]))) if sign_pieces else {}
+        for k, (si, w, g, lo) in enumerate(pieces):
+            if g is None or k in flat_pieces:
+                continue
             seg = self.segments[si]
             norm, ci = seg["norm"], seg["comp"]
             if directions is not None and k in directions:
-                w.add_(directions[k].nan_to_num() * comp_scale[ci])
+                w.add_(directions[k].view_as(w).nan_to_num() * comp_scale[ci])
             elif norm in ("frobenius", "rms", "follow"):
                 w.addcmul_(g, comp_scale[ci])
             elif norm == "sign":
-                w.addcmul_(torch.sign(g), sign_scale[ci])
+                w.addcmul_(signs[k], sign_scale[ci])
             elif norm == "rows":
                 base = row_offset[si]
                 for r, pos, k, width in _row_chunks(g.numel(), lo - seg["start"], seg["dim"]):
@@ -401,8 +497,8 @@ class AGD(torch.optim.Optimizer):
         if self._momentum is not None:  # variant: the step sees the averaged gradient
             binding = AveragedGradBinding(self.params, self._momentum.average())
         pieces = self._gather_pieces(binding)  # (a) local partial sums
-        if self._w0_sq is None:
-            self._w0_sq = self._weight_norms_sq(pieces, device)
+        if self._w0_sq is None and self._w0_local is None:  # reduced at the first log_metrics (a collective)
+            self._w0_local = self._weight_norms_sq(pieces, device, reduce=False)
         vec = self._local_sums(pieces, device)
         vec = self.binding.reduce(vec)  # (b) one reduction
         spectral, directions = self._spectral_directions(pieces) if self._spectral else (None, None)
@@ -476,14 +572,14 @@ class AGD(torch.optim.Optimizer):
                 directions[k] = whole_dirs[si][off : off + g.numel()].to(g.dtype)
         return duals, directions
 
-    def _weight_norms_sq(self, pieces, device) -> torch.Tensor:
+    def _weight_norms_sq(self, pieces, device, reduce: bool = True) -> torch.Tensor:
         """||W_part||^2 of every part (one reduce: a collective on a sharded binding)."""
         w_sq = torch.zeros(len(self.segments), dtype=self.acc_dtype, device=device)
         if pieces:
             norms = torch._foreach_norm([w for _, w, _, _ in pieces], 2, dtype=self.acc_dtype)
             idx = torch.tensor([si for si, _, _, _ in pieces], device=device)
             w_sq.index_add_(0, idx, torch.stack(norms).square())
-        return self.binding.reduce(w_sq)
+        return self.binding.reduce(w_sq) if reduce else w_sq
 
     # ---- init ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -573,6 +669,8 @@ class AGD(torch.optim.Optimizer):
             shares[c.role] = shares.get(c.role, 0.0) + v
         for role, v in shares.items():
             out[f"agd_share/{role}"] = v / G if G > 0 else 0.0
+        if self._w0_sq is None and self._w0_local is not None:
+            self._w0_sq = self.binding.reduce(self._w0_local)
         w_sq, dw_sq = (x.tolist() for x in self._segment_norms_sq())
         w0_sq = self._w0_sq.tolist() if self._w0_sq is not None else [0.0] * len(w_sq)
         nc = len(self.plan.components)
@@ -620,16 +718,23 @@ class AGD(torch.optim.Optimizer):
             self._w0_sq = torch.tensor(w0, dtype=self.acc_dtype, device=self.params[0].device)
 
 
-def _sums_of_squares(views: list[torch.Tensor], acc: torch.dtype) -> torch.Tensor:
-    """sum(g^2) of every 1-D view, accumulated in `acc` (>= fp32). Kernels chosen by
-    measurement: on CPU a per-tensor BLAS dot uses all threads (torch._foreach_norm runs
-    one thread: 15 ms vs 9 ms for GPT-2-124M's grads on 2 cores); on GPU one multi-tensor
-    _foreach_norm launch."""
-    if views[0].device.type == "cpu":
-        out = [torch.dot(g, g) if g.dtype == acc else torch.linalg.vector_norm(g, dtype=acc).square()
-               for g in views]
-        return torch.stack(out)
-    return torch.stack(torch._foreach_norm(views, 2, dtype=acc)).square()
+CPU_DOT_MIN_NUMEL = 1 << 16
+FLAT_MAX_NUMEL = 1 << 16  # pieces smaller than this share one flat buffer in the step
+
+
+def _sums_of_squares(views: list[torch.Tensor], acc: torch.dtype) -> tuple[torch.Tensor, list[int]]:
+    """(sum(g^2) of the views, the view index of each value), accumulated in `acc` (>= fp32).
+    On GPU one multi-tensor _foreach_norm. On CPU _foreach_norm runs one thread, so tensors of
+    CPU_DOT_MIN_NUMEL elements or more get a BLAS dot each, which uses every thread (15 ms vs
+    9 ms for GPT-2-124M's grads on 2 cores), and the many small ones share one _foreach_norm."""
+    if views[0].device.type != "cpu":
+        return torch.stack(torch._foreach_norm(views, 2, dtype=acc)).square(), list(range(len(views)))
+    big = [i for i, g in enumerate(views) if g.numel() >= CPU_DOT_MIN_NUMEL and g.dtype == acc]
+    small = [i for i, g in enumerate(views) if not (g.numel() >= CPU_DOT_MIN_NUMEL and g.dtype == acc)]
+    values = [torch.dot(views[i].reshape(-1), views[i].reshape(-1)) for i in big]
+    if small:
+        values += torch._foreach_mul(*(2 * [torch._foreach_norm([views[i] for i in small], 2, dtype=acc)]))
+    return torch.stack(values), big + small
 
 
 def _row_chunks(n: int, off: int, d: int) -> list[tuple[int, int, int, int]]:
