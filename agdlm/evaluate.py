@@ -29,9 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from agdlm.eval_results import RESULTS_FILE, read_results, record_results, results_path  # noqa: F401 (re-exported)
 from agdlm.loading import LoadedModel, load_model_from
-
-RESULTS_FILE = "eval.json"
 
 
 class EvalError(ValueError):
@@ -158,32 +157,6 @@ def evaluate_choice(loaded: LoadedModel, path: Path, limit: int | None = None, d
 
 
 # ---- results ------------------------------------------------------------------------------
-
-def results_path(model_path: Path) -> Path:
-    model_path = Path(model_path)
-    return model_path / RESULTS_FILE if model_path.is_dir() else model_path.with_name(model_path.name + ".eval.json")
-
-
-def record_results(path: Path, kind: str, key: str, result: dict) -> None:
-    """Add one result to eval.json under {kind: {key: result}}, keeping the others."""
-    from agdlm.checkpoint import atomic_write_text
-
-    try:
-        results = json.loads(path.read_text()) if path.is_file() else {}
-    except ValueError:
-        results = {}  # a damaged file is replaced rather than blocking the new result
-    results.setdefault(kind, {})[key] = result
-    atomic_write_text(path, json.dumps(results, indent=2) + "\n")
-
-
-def read_results(folder: Path) -> dict:
-    """A run folder's eval.json ({} when absent or unreadable), for the report."""
-    try:
-        results = json.loads((Path(folder) / RESULTS_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return results if isinstance(results, dict) else {}
-
 
 def log_to_wandb(run_dir: Path, summary: dict) -> None:
     """Add `summary` to the run's own W&B run (its wandb_id), when the run logs to W&B."""

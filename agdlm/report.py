@@ -30,6 +30,7 @@ from pathlib import Path
 
 import yaml
 
+from agdlm.eval_results import headline_values, read_results
 from agdlm.sweep import short_number
 
 DPI = 90
@@ -56,6 +57,7 @@ class RunLog:
     records: list[dict] = field(default_factory=list)
     done: bool = False
     malformed_lines: list[int] = field(default_factory=list)  # metrics.jsonl lines skipped (1-based)
+    downstream: dict[str, float] = field(default_factory=dict)  # eval.json's headline values (`agdlm eval`)
 
     @property
     def optimiser(self) -> str:
@@ -213,7 +215,8 @@ def read_run(path: Path) -> RunLog:
     config = read_config(path)
     records, malformed = read_metrics(path)
     name = str(config.get("train", {}).get("run_name") or path.name)
-    run = RunLog(name, path, config, records, (path / "DONE").is_file(), malformed)
+    run = RunLog(name, path, config, records, (path / "DONE").is_file(), malformed,
+                 headline_values(read_results(path)))
     try:  # every config value the report reads, read once here, so a bad one names its file
         sort_key(run), run.cell, run.agd_label
     except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -309,14 +312,33 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def downstream_columns(runs: list[RunLog]) -> list[str]:
+    """The `agdlm eval` results some run has (eval.json), in first-seen order."""
+    return list(dict.fromkeys(column for r in runs for column in r.downstream))
+
+
 def write_csv(runs: list[RunLog], path: Path) -> None:
+    extra = downstream_columns(runs)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["run", "finished", "optimiser", "lr", "n_layer", "n_embd", "seed", "params", "tokens",
-                    "final_val_loss", "best_val_loss", "tokens_per_s", "run_dir"])
+                    "final_val_loss", "best_val_loss", "tokens_per_s", "run_dir", *extra])
         for r in runs:
             w.writerow([r.name, r.done, r.optimiser, r.lr if r.lr is not None else "", r.depth, r.width, r.seed,
-                        r.params or "", r.tokens, r.final_val_loss, r.best_val_loss, r.tokens_per_s, str(r.path)])
+                        r.params or "", r.tokens, r.final_val_loss, r.best_val_loss, r.tokens_per_s, str(r.path),
+                        *(r.downstream.get(c, "") for c in extra)])
+
+
+def downstream_markdown(runs: list[RunLog]) -> str | None:
+    """One row per run with `agdlm eval` results: val loss on a shared source, choice accuracy."""
+    columns = downstream_columns(runs)
+    if not columns:
+        return None
+    lines = ["| run | optimiser | " + " | ".join(columns) + " |", "|---|---|" + "---:|" * len(columns)]
+    for r in (r for r in runs if r.downstream):
+        values = [f"{r.downstream[c]:.4f}" if c in r.downstream else "" for c in columns]
+        lines.append(f"| {r.name} | {OPTIMISER_LABEL.get(r.optimiser, r.optimiser)} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
 
 
 # ---- plots ----------------------------------------------------------------------------
@@ -681,6 +703,11 @@ def report_lines(runs: list[RunLog], paths: list, title: str, table: str, writte
         lines += ["", f"\\* not finished (no DONE marker): {', '.join(unfinished)}."]
     if warnings:
         lines += ["", "Skipped or partly read:", ""] + [f"- {w}" for w in warnings]
+    downstream = downstream_markdown(runs)
+    if downstream:
+        lines += ["", "## Downstream evaluation (`agdlm eval`)", "", downstream, "",
+                  "eval loss: held-out loss on that source, cut as training cuts it; acc_norm: multiple-choice "
+                  "accuracy by loss per token (HellaSwag format). From each run's eval.json."]
     if written["ratio_table"]:
         lines += ["", "## AGD against the best-tuned AdamW (final val loss ratio)", "", written["ratio_table"], "",
                   RATIO_NOTE + " Per seed: agd_vs_adamw.csv."]
@@ -719,6 +746,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("paths", nargs="+", metavar="RUN_DIR_OR_SWEEP_DIR")
     p.add_argument("-o", "--out", help="report folder (default: <sweep dir>/report for one folder, else ./report)")
     p.add_argument("--title", help="the report's heading")
+    p.add_argument("--wandb", choices=("off", "offline", "online"), default="off",
+                   help="also log the comparison as one W&B run (tables, line plots, the plots as images)")
+    p.add_argument("--project", help="W&B project (default: the runs' log.project)")
+    p.add_argument("--entity", help="W&B entity (default: the runs' log.entity)")
+    p.add_argument("--group", help="W&B group (default: the runs' log.group)")
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     out = args.out or (str(Path(args.paths[0]) / "report") if len(args.paths) == 1 and not
                        (Path(args.paths[0]) / "metrics.jsonl").is_file() else "report")
@@ -738,4 +770,10 @@ def main(argv: list[str] | None = None) -> int:
         print(result["ratio_table"])
     print(f"\nwrote {result['report']} with {len(result['plots'])} plot(s): "
           + ", ".join(str(p) for p in result["plots"]))
+    if args.wandb != "off":
+        from agdlm.report_wandb import log_report
+
+        title = result["report"].read_text().splitlines()[0].lstrip("# ")
+        local = log_report(result, Path(out), args.wandb, title, args.project, args.entity, args.group)
+        print(f"logged the comparison to W&B ({args.wandb}): {local}")
     return 0
