@@ -373,9 +373,13 @@ def test_log_metrics():
     out = opt.log_metrics()
     gn = math.sqrt(sum(float((v.double() ** 2).sum()) for v in g.values()))
     assert out["agd_grad_norm"] == pytest.approx(gn, rel=1e-5)
-    assert out["agd_eta"] == pytest.approx(float(opt.last_stats["eta"]))
+    eta_r, G_r, _, L = reference_step(reference_layers(m), g)  # from the spec's formulas
+    assert out["agd_eta"] == pytest.approx(eta_r, rel=1e-5)
+    assert out["agd_G"] == pytest.approx(G_r, rel=1e-5)
     shares = {k: v for k, v in out.items() if k.startswith("agd_share/")}
     assert sum(shares.values()) == pytest.approx(1.0, rel=1e-6)
+    head = math.sqrt(V / D) * float(g["lm_head.weight"].double().norm()) / L / G_r
+    assert out["agd_share/head"] == pytest.approx(head, rel=1e-5)
     assert set(shares) >= {"agd_share/attn_qkv", "agd_share/ln_gain", "agd_share/ln_bias", "agd_share/head"}
     # rel update of the mlp_fc role: mean over layers of ||d[W|b]|| / ||[W|b]||
     vals = []

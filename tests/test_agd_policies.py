@@ -240,6 +240,38 @@ def test_modular_rows_rule_untied_embeddings():
     torch.testing.assert_close(rms, torch.full_like(rms, 1.1 * eta / L), rtol=1e-9, atol=0)
 
 
+def modular_G_reference(m, g) -> tuple[float, float]:
+    """(G, L) of the `modular` table (spec section 3), untied, from the gradients alone."""
+    n, d, vocab = m.config.n_layer, m.config.n_embd, m.config.vocab_size
+    g = {k: v.double() for k, v in g.items()}
+    total, L = 0.0, 0.0
+
+    def frob(names_rows, s):  # [(name, row slice or None)] as one Frobenius layer
+        parts = [g[nm] if rows is None else g[nm][rows] for nm, rows in names_rows]
+        return s * math.sqrt(sum(float((p ** 2).sum()) for p in parts))
+
+    for name in ("transformer.wte.weight", "transformer.wpe.weight"):  # rows rule, s = 1
+        total += math.sqrt(d) * float(g[name].norm(dim=1).sum())
+        L += 1
+    total += frob([("lm_head.weight", None)], math.sqrt(vocab / d))
+    L += 1
+    for i in range(n):
+        h = f"transformer.h.{i}."
+        for b in range(3):  # q, k, v blocks, each with its third of the bias
+            rows = slice(b * d, (b + 1) * d)
+            total += frob([(h + "attn.c_attn.weight", rows), (h + "attn.c_attn.bias", rows)], math.sqrt(d / (d + 1)))
+        proj = 1 / math.sqrt(2 * n)
+        total += frob([(h + "attn.c_proj.weight", None), (h + "attn.c_proj.bias", None)], proj * math.sqrt(d / (d + 1)))
+        total += frob([(h + "mlp.c_fc.weight", None), (h + "mlp.c_fc.bias", None)], 2 * math.sqrt(d / (d + 1)))
+        total += frob([(h + "mlp.c_proj.weight", None), (h + "mlp.c_proj.bias", None)],
+                      math.sqrt(1 / 4) * proj * math.sqrt(4 * d / (4 * d + 1)))
+        L += 6
+    for ln in [f"transformer.h.{i}.ln_{j}" for i in range(n) for j in (1, 2)] + ["transformer.ln_f"]:
+        total += float(g[ln + ".weight"].abs().sum()) + math.sqrt(d) * float(g[ln + ".bias"].norm())
+        L += 1
+    return total / L, L
+
+
 def test_modular_invariant_inner_product():
     m = tiny_gpt(bias=True, tied=False)
     opt = AGD(m, policy="modular")
@@ -248,9 +280,27 @@ def test_modular_invariant_inner_product():
     g = {k: p.grad.clone() for k, p in m.named_parameters()}
     w0 = {k: p.detach().clone() for k, p in m.named_parameters()}
     eta = float(opt.step())
-    G = float(opt.last_stats["G"])
+    G, L = modular_G_reference(m, g)  # independent of the optimiser's own bookkeeping
+    assert opt.L == L
+    assert float(opt.last_stats["G"]) == pytest.approx(G, rel=1e-6)
+    assert eta == pytest.approx(math.log((1 + math.sqrt(1 + 4 * G)) / 2), rel=1e-6)
     inner = sum(float((g[k] * (p.detach() - w0[k])).sum()) for k, p in m.named_parameters())
-    assert inner == pytest.approx(-eta * G, rel=1e-10)
+    assert inner == pytest.approx(-eta * G, rel=1e-6)
+
+
+def test_modular_tied_position_rows_move_by_eta_over_L():
+    """Tied `modular`: wpe by the rows rule with s = 1/sqrt(d): rows of L2 norm 1 at init and
+    each row with a gradient moves by exactly gain * eta / L in L2 norm."""
+    m = tiny_gpt(bias=False, tied=True)
+    opt = AGD(m, policy="modular", gain=0.9)
+    opt.init_weights()
+    norms = m.transformer.wpe.weight.detach().norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones_like(norms), rtol=1e-6, atol=0)
+    backward(m, *batch())
+    w0 = m.transformer.wpe.weight.detach().clone()
+    eta = float(opt.step())
+    moved = (m.transformer.wpe.weight.detach() - w0).norm(dim=1)
+    torch.testing.assert_close(moved, torch.full_like(moved, 0.9 * eta / opt.L), rtol=1e-5, atol=0)
 
 
 # ---- the layers command ----------------------------------------------------------------------
@@ -269,4 +319,10 @@ def test_layers_cli_meta_gpt2_xl(capsys):
     from agdlm.optim.layers_cli import main
 
     assert main(["configs/gpt2-1.5b.yaml"]) == 0
-    assert "total L = " in capsys.readouterr().out
+    out = capsys.readouterr().out
+    # 48 blocks x (c_attn 3 + c_proj + c_fc + mlp c_proj + ln_1 + ln_2) + wte/head + wpe + ln_f
+    assert "total L = 387 " in out
+    roles = [line.split()[2] for line in out.splitlines()[3:] if line.startswith("transformer.")]
+    counts = {r: roles.count(r) for r in set(roles)}
+    assert counts == {"attn_qkv": 48, "attn_proj": 48, "mlp_fc": 48, "mlp_proj": 48, "ln_gain": 97,
+                      "wte_head": 1, "wpe": 1}, counts

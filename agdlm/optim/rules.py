@@ -16,7 +16,7 @@ import warnings
 
 import torch.nn as nn
 
-from agdlm.optim.agd import Component, Layer, LayerPlan, Part
+from agdlm.optim.plan import Component, Layer, LayerPlan, Part
 
 POLICIES = ("default", "paper", "agd_exp", "modular")
 
