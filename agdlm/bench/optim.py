@@ -37,7 +37,9 @@ CASES = {
     "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, bias=True),
     "48x64": dict(n_layer=48, n_head=1, n_embd=64, block_size=1024, bias=False),
     "48x64-bias": dict(n_layer=48, n_head=1, n_embd=64, block_size=1024, bias=True),
+    "gpt2-1.5b": dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024, bias=True),  # GPU only (~25 GB)
 }
+DEFAULT_CASES = ("gpt2-124m", "48x64", "48x64-bias")
 
 
 def _sync(device: torch.device) -> None:
@@ -63,6 +65,27 @@ def count_ops(fn) -> tuple[int, int]:
     return len(top), sum(1 for n in top if n not in VIEW_OPS)
 
 
+def cuda_kernels(fn) -> int:
+    """CUDA kernels launched by one call of fn (profiler, CUDA activity)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def check_no_host_sync(step) -> None:
+    """One step under torch.cuda.set_sync_debug_mode("error"): any host sync raises."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+
+
 def time_interleaved(steps: dict, device, warmup: int, repeats: int) -> dict[str, float]:
     times = {name: [] for name in steps}
     for i in range(warmup + repeats):
@@ -76,7 +99,7 @@ def time_interleaved(steps: dict, device, warmup: int, repeats: int) -> dict[str
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def bench_case(name: str, shapes: dict, device, warmup: int, repeats: int) -> dict:
+def bench_case(name: str, shapes: dict, device, warmup: int, repeats: int, sync_check: bool = False) -> dict:
     from agdlm.model import GPT, GPTConfig
     from agdlm.optim import AGD
 
@@ -98,7 +121,9 @@ def bench_case(name: str, shapes: dict, device, warmup: int, repeats: int) -> di
     except (RuntimeError, TypeError):
         adam = torch.optim.AdamW(m_adam.parameters(), lr=1e-4, foreach=True)
         kind = "foreach"
-    agd.step()
+    agd.step()  # the first step builds its caches (index tensors copied to the device once)
+    if sync_check:
+        check_no_host_sync(agd.step)
     med = time_interleaved({"agd": agd.step, "adamw": adam.step}, device, warmup, repeats)
     ops, compute = count_ops(agd.step)
     adam_ops, adam_compute = count_ops(adam.step)
@@ -107,7 +132,8 @@ def bench_case(name: str, shapes: dict, device, warmup: int, repeats: int) -> di
         agd.log_metrics()
     log_s = (time.perf_counter() - t0) / 3
     params = list(m_agd.parameters())
-    return dict(case=name, tensors=len(params), params=sum(p.numel() for p in params), kind=kind,
+    kernels = (cuda_kernels(agd.step), cuda_kernels(adam.step)) if device.type == "cuda" else None
+    return dict(case=name, kernels=kernels, tensors=len(params), params=sum(p.numel() for p in params), kind=kind,
                 agd_ms=med["agd"] * 1e3, adamw_ms=med["adamw"] * 1e3, ratio=med["agd"] / med["adamw"],
                 ops=ops, compute_ops=compute, adamw_ops=adam_ops, adamw_compute_ops=adam_compute,
                 log_metrics_ms=log_s * 1e3, bytes_per_param=next(m_agd.parameters()).element_size())
@@ -119,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=7, help="timed steps of each optimiser (default 7)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps of each first (default 2)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of: {', '.join(CASES)}")
+    ap.add_argument("--cases", default=",".join(DEFAULT_CASES), help=f"comma-separated, of: {', '.join(CASES)}")
+    ap.add_argument("--sync-check", action="store_true",
+                    help="CUDA: run one AGD step under torch.cuda.set_sync_debug_mode('error') first (raises on any host sync)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -134,9 +162,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{'ops/step':>8} {'ops/tensor':>10} {'compute/tensor':>14} {'AdamW ops':>9} {'log_metrics ms':>14}")
     print(head)
     for name in names:
-        r = bench_case(name, CASES[name], device, args.warmup, args.repeats)
+        if args.sync_check and device.type != "cuda":
+            ap.error("--sync-check needs a CUDA device")
+        r = bench_case(name, CASES[name], device, args.warmup, args.repeats, args.sync_check)
         print(f"{r['case']:<11} {r['tensors']:>7} {r['params']:>12,} {r['agd_ms']:>8.2f} {r['adamw_ms']:>9.2f} "
               f"{r['ratio']:>6.2f} {r['ops']:>8} {r['ops'] / r['tensors']:>10.2f} "
               f"{r['compute_ops'] / r['tensors']:>14.2f} {r['adamw_ops']:>9} {r['log_metrics_ms']:>14.1f}")
+        if r["kernels"]:
+            print(f"{'':<11} CUDA kernels per step: AGD {r['kernels'][0]}, AdamW {r['kernels'][1]}"
+                  + ("; no host sync in the AGD step" if args.sync_check else ""))
     print("AdamW: torch.optim.AdamW (fused where available). ratio = AGD / AdamW step time.")
     return 0
