@@ -134,7 +134,7 @@ SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fiel
 CHOICES: dict[str, tuple[str, ...]] = {
     "optim.name": ("agd", "adamw"),
     "optim.policy": ("default", "paper", "agd_exp", "modular"),
-    "optim.variant": ("none",),
+    "optim.variant": ("none", "momentum", "spectral", "spectral_momentum"),
     "optim.init": ("default", "keep"),
     "data.tokenizer": ("gpt2", "bytes"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
@@ -192,11 +192,20 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"{path}: include cycle")
     raw = read_yaml_mapping(path)
     merged: dict[str, Any] = {}
-    includes = raw.pop("include", []) or []
-    for inc in [includes] if isinstance(includes, str) else includes:
+    for inc in _include_list(path, raw.pop("include", None)):
         _deep_merge(merged, _read_yaml(resolve_config_path(inc, path.parent), seen + (path,)))
     _deep_merge(merged, raw)
     return merged
+
+
+def _include_list(path: Path, includes: Any) -> list[str]:
+    """`include:` as a list of file names: one name, a list of them, or nothing."""
+    if includes is None or includes == "":
+        return []
+    names = [includes] if isinstance(includes, str) else includes
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise ConfigError(f"{path}: include must be a config file name or a list of them, got {includes!r}")
+    return names
 
 
 def _deep_merge(dst: dict, src: dict) -> None:
