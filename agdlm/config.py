@@ -385,6 +385,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.eps={o.eps} must be positive")
     if o.lr_decay_steps is not None and o.lr_decay_steps <= 0:
         raise ConfigError(f"optim.lr_decay_steps={o.lr_decay_steps} must be positive (or null: train.max_steps)")
+    if o.name == "agd" and o.variant in ("momentum", "spectral_momentum") and cfg.parallel.backend in ("fsdp2", "deepspeed"):
+        raise ConfigError(
+            f"optim.variant={o.variant} keeps momentum buffers per whole parameter; parallel.backend="
+            f"{cfg.parallel.backend} shards them (sharded AGD state is not built): use single or ddp, or optim.variant=spectral"
+        )
     if cfg.parallel.replicate != 1 and cfg.parallel.backend != "fsdp2":
         raise ConfigError(
             f"parallel.replicate={cfg.parallel.replicate} (HSDP replicas) needs parallel.backend=fsdp2, "

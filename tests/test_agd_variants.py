@@ -200,3 +200,11 @@ def test_weight_ratio_metric_against_initial_norms():
     fc = [n for n in w0 if n.endswith("mlp.c_fc.weight")]
     want = sum(float(dict(m.named_parameters())[n].norm() / w0[n].norm()) for n in fc) / len(fc)
     assert out["agd_weight_ratio/mlp_fc"] == pytest.approx(want, rel=1e-6)
+
+
+def test_momentum_variant_on_a_sharded_backend_is_one_config_line():
+    from agdlm.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="optim.variant=momentum keeps momentum buffers.*parallel.backend=fsdp2"):
+        load_config(None, ["optim.variant=momentum", "parallel.backend=fsdp2"])
+    load_config(None, ["optim.variant=spectral", "parallel.backend=deepspeed"])  # runs on every backend
