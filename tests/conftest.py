@@ -14,6 +14,11 @@ TINY = [
 ]  # fmt: skip
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: multi-process cases of a minute or more (CI runs them; "
+                                       "deselect locally with -m 'not slow')")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def agdlm_cache(tmp_path_factory):
     """One demo shard per test session, outside the user's cache."""

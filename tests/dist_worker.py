@@ -208,8 +208,10 @@ def run_case(name: str, overrides: list[str], env: DistEnv, tmp: Path) -> dict:
             "export_rel_err": max_rel_err(consolidated_state_dict(folder, cfg.model), before_save),
             "rel_err": max_rel_err(full, ref),
             "worst": sorted(rel_errs(full, ref).items(), key=lambda kv: -kv[1])[:3],
+            "errs": rel_errs(full, ref),
             "resume_rel_err": max_rel_err(full_resumed, full),
             "moved": max_rel_err(init, ref),
+            "moved_least": min(rel_errs(init, ref).values()),  # every tensor moved, not just one bias
             "collectives": counts,
         }
         if cfg.optim.name == "agd":

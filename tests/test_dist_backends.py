@@ -40,7 +40,7 @@ def results(tmp_path_factory, agdlm_cache):
 def test_matches_single_process(results, case):
     r = results[case]
     assert "error" not in r, r.get("error")
-    assert r["moved"] > 1e-3  # the weights did change, so the comparison is not vacuous
+    assert r["moved_least"] > 1e-4, r["moved_least"]  # every tensor changed: the comparison is not vacuous
     # variant=spectral: Newton-Schulz's 5 fp32 iterations amplify the ~1e-7 differences of the
     # reduced gradient (another summation order) about 20x; measured 4e-6..7.3e-6
     tol = 2e-5 if "spectral" in case else 1e-5

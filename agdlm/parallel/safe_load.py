@@ -243,13 +243,17 @@ def _zero_model_state(state: dict, path: Path):
 
 
 def _zero_optimizer_states(ds_dir: Path) -> list[dict]:
-    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, ZERO_STAGE
+    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, SINGLE_PARTITION_OF_FP32_GROUPS, ZERO_STAGE
     from deepspeed.utils.zero_to_fp32 import get_optim_files
 
     states = []
     for file in map(Path, get_optim_files(str(ds_dir))):
         state = load_deepspeed_file(file)
         optim = state.get(OPTIMIZER_STATE_DICT) if isinstance(state, dict) else None
+        if isinstance(optim, dict) and ZERO_STAGE not in optim and SINGLE_PARTITION_OF_FP32_GROUPS in optim:
+            # bf16 with ZeRO 0/1 (DeepSpeed's BF16_Optimizer, bf16_zero_*_optim_states.pt): the same
+            # flat fp32 partitions as ZeRO 1/2, without the stage key (zero_to_fp32 refuses these)
+            optim = {**optim, ZERO_STAGE: 1}
         if not isinstance(optim, dict) or ZERO_STAGE not in optim:
             raise CheckpointReadError(file, "is not a DeepSpeed ZeRO optimiser-states file")
         states.append(optim)
