@@ -390,6 +390,9 @@ def validate(cfg: Config) -> None:
             f"optim.variant={o.variant} keeps momentum buffers per whole parameter; parallel.backend="
             f"{cfg.parallel.backend} shards them (sharded AGD state is not built): use single or ddp, or optim.variant=spectral"
         )
+    if o.name == "agd" and t.precision == "fp16" and cfg.parallel.backend == "deepspeed":
+        raise ConfigError("train.precision=fp16 with optim.name=agd on parallel.backend=deepspeed: DeepSpeed's fp16 "
+                          "optimiser accumulates and reduces gradients in fp16, and AGD's norms need fp32; use bf16 or fp32")
     if cfg.parallel.replicate != 1 and cfg.parallel.backend != "fsdp2":
         raise ConfigError(
             f"parallel.replicate={cfg.parallel.replicate} (HSDP replicas) needs parallel.backend=fsdp2, "

@@ -208,3 +208,11 @@ def test_momentum_variant_on_a_sharded_backend_is_one_config_line():
     with pytest.raises(ConfigError, match="optim.variant=momentum keeps momentum buffers.*parallel.backend=fsdp2"):
         load_config(None, ["optim.variant=momentum", "parallel.backend=fsdp2"])
     load_config(None, ["optim.variant=spectral", "parallel.backend=deepspeed"])  # runs on every backend
+
+
+def test_agd_fp16_on_deepspeed_is_refused_before_any_engine():
+    from agdlm.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="train.precision=fp16 with optim.name=agd on parallel.backend=deepspeed"):
+        load_config(None, ["train.precision=fp16", "parallel.backend=deepspeed"])
+    load_config(None, ["train.precision=fp16", "parallel.backend=deepspeed", "optim.name=adamw"])
