@@ -22,6 +22,24 @@ import torch
 import torch.distributed as dist
 
 
+# The bindings read private internals; these are the versions they were tested with.
+TESTED = {"torch": "2.6 - 2.13", "deepspeed": "0.15 - 0.19"}
+
+
+class BindingInternalsMissing(RuntimeError):
+    """A private attribute an AGD binding reads is gone: an untested torch or DeepSpeed."""
+
+
+def require(obj, attrs: tuple[str, ...], package: str) -> None:
+    missing = [a for a in attrs if not hasattr(obj, a)]
+    if missing:
+        import importlib.metadata as md
+
+        raise BindingInternalsMissing(
+            f"AGD's {package} binding needs {', '.join(missing)} on {type(obj).__name__}, which {package} "
+            f"{md.version(package)} does not have (tested: {package} {TESTED[package]})")
+
+
 def _all_reduce_sum(vec: torch.Tensor, group) -> torch.Tensor:
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=group)
@@ -40,6 +58,7 @@ class FSDP2Binding:
         for p in params:
             if not isinstance(p, DTensor):
                 raise RuntimeError("FSDP2 binding: a parameter is not a DTensor; fully_shard the root module")
+            require(p, ("_local_tensor", "device_mesh", "placements"), "torch")
             _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
             strides = [math.prod(p.shape[d + 1 :]) for d in range(p.dim())]
             self.starts.append(sum(o * s for o, s in zip(offset, strides)))
@@ -67,6 +86,8 @@ class DeepSpeedZeroBinding:
 
     def __init__(self, params: list[torch.Tensor], zero_optimizer):
         self.params, self.z = params, zero_optimizer
+        if not hasattr(zero_optimizer, "fp32_groups_flat_partition"):
+            require(zero_optimizer, ("single_partition_of_fp32_groups",), "deepspeed")
         flats = getattr(zero_optimizer, "single_partition_of_fp32_groups", None)
         if flats is None:
             flats = zero_optimizer.fp32_groups_flat_partition  # BF16_Optimizer
@@ -112,6 +133,7 @@ class DeepSpeedZero3Binding:
 
     def __init__(self, params: list[torch.Tensor], zero_optimizer):
         self.params, self.z = params, zero_optimizer
+        require(zero_optimizer, ("fp32_partitioned_groups_flat", "grad_position", "get_param_id"), "deepspeed")
         self.flats = zero_optimizer.fp32_partitioned_groups_flat
         if len(self.flats) != 1:
             raise RuntimeError(
