@@ -272,6 +272,13 @@ def size_label(run: RunLog, runs: list[RunLog]) -> str:
 
 # ---- the table ------------------------------------------------------------------------
 
+def optimiser_text(run: RunLog) -> str:
+    """`AdamW`, `AGD`, or `AGD (modular+spectral)` when not the faithful default policy."""
+    label = run.agd_label
+    name = OPTIMISER_LABEL.get(run.optimiser, run.optimiser)
+    return name if label in (None, "default") else f"{name} ({label})"
+
+
 COLUMNS = ["run", "optimiser", "lr", "params", "tokens", "final val loss", "best val loss", "tokens/s"]
 
 
@@ -293,7 +300,7 @@ def table_rows(runs: list[RunLog]) -> list[dict]:
     for r in runs:
         rows.append({
             "run": r.name + ("" if r.done else " *"),
-            "optimiser": OPTIMISER_LABEL.get(r.optimiser, r.optimiser),
+            "optimiser": optimiser_text(r),
             "lr": short_number(r.lr) if r.lr is not None else "-",
             "params": fmt_count(r.params),
             "tokens": fmt_count(r.tokens),
@@ -337,7 +344,7 @@ def downstream_markdown(runs: list[RunLog]) -> str | None:
     lines = ["| run | optimiser | " + " | ".join(columns) + " |", "|---|---|" + "---:|" * len(columns)]
     for r in (r for r in runs if r.downstream):
         values = [f"{r.downstream[c]:.4f}" if c in r.downstream else "" for c in columns]
-        lines.append(f"| {r.name} | {OPTIMISER_LABEL.get(r.optimiser, r.optimiser)} | " + " | ".join(values) + " |")
+        lines.append(f"| {r.name} | {optimiser_text(r)} | " + " | ".join(values) + " |")
     return "\n".join(lines)
 
 
