@@ -84,6 +84,10 @@ class ParallelConfig:
     backend: str = "single"  # single | ddp | fsdp2 | deepspeed
     zero_stage: int = 1
     replicate: int = 1  # FSDP2 HSDP replica groups (mesh = replicate x shard)
+    # FSDP2 with gradient accumulation: true reduce-scatters every micro-batch (gradients stay
+    # sharded: 1/N memory, one reduce-scatter per micro-batch); false keeps whole fp32 gradients
+    # until the last micro-batch (one reduce-scatter per step, a whole model of gradients per rank)
+    fsdp_reshard_grads: bool = True
 
 
 @dataclass

@@ -74,6 +74,33 @@ def make_optimizer_factory(cfg: Config, device_type: str):
     return make_optimizer
 
 
+def build_model_and_backend(cfg: Config, env, fresh: bool, initial_weights=None):
+    """The backend holding the model and its optimiser. A backend that can build the model
+    sharded (`setup_sharded`: FSDP2, ZeRO-3) gives each rank only its shard, initialised to the
+    weights one process would have (agdlm.parallel.sharded_init); otherwise the whole model is
+    built here and, on a fresh run, initialised by `initial_weights` (default: AGD's init)."""
+    backend = build_backend(cfg, env)
+    make_optimizer = make_optimizer_factory(cfg, env.device.type)
+    if getattr(backend, "builds_sharded", lambda: False)():
+        backend.setup_sharded(make_optimizer, fresh=fresh)
+        return backend
+    model = GPT(cfg.model)
+    if fresh:
+        (initial_weights or default_initial_weights(cfg))(model)
+    backend.setup(model, make_optimizer)
+    return backend
+
+
+def default_initial_weights(cfg: Config):
+    def initialise(model: torch.nn.Module) -> None:
+        if cfg.optim.name == "agd" and cfg.optim.init != "keep":
+            from agdlm.optim.agd import AGD
+
+            AGD(model, policy=cfg.optim.policy, gain=cfg.optim.gain).init_weights()
+
+    return initialise
+
+
 def saved_config(run_dir: Path) -> Config | None:
     path = run_dir / "config.yaml"
     return build_config(read_yaml_mapping(path)) if path.is_file() else None
@@ -137,11 +164,7 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed + env.rank)  # dropout differs per rank; data does not
         self.data = self._build_data()
-        model = GPT(cfg.model)
-        if not candidates:
-            self._initial_weights(model)
-        self.backend = build_backend(cfg, env)
-        self.backend.setup(model, make_optimizer_factory(cfg, env.device.type))
+        self.backend = build_model_and_backend(cfg, env, fresh=not candidates, initial_weights=self._initial_weights)
         self.peak_flops = peak_flops(env.device)
 
         resume_from, bad = self._load_newest_good_checkpoint(candidates) if candidates else (None, [])

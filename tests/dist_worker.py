@@ -43,6 +43,8 @@ CASES = {
     "fsdp2-agd": ["parallel.backend=fsdp2", "optim.name=agd"],
     "fsdp2-adamw": ["parallel.backend=fsdp2", "optim.name=adamw"],
     "fsdp2-adamw-noclip": ["parallel.backend=fsdp2", "optim.name=adamw", "optim.grad_clip=0"],
+    "fsdp2-agd-unsharded-accum": ["parallel.backend=fsdp2", "optim.name=agd", "parallel.fsdp_reshard_grads=false"],
+    "fsdp2-adamw-unsharded-accum": ["parallel.backend=fsdp2", "optim.name=adamw", "parallel.fsdp_reshard_grads=false"],
     "hsdp2x1-agd": ["parallel.backend=fsdp2", "parallel.replicate=2", "optim.name=agd"],
     "hsdp2x1-adamw": ["parallel.backend=fsdp2", "parallel.replicate=2", "optim.name=adamw"],
     "fsdp2-agd-modular-untied-ac": ["parallel.backend=fsdp2", "optim.name=agd", "optim.policy=modular",

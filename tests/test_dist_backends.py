@@ -73,3 +73,11 @@ def test_hsdp_replicas_do_not_reduce_agd_sums(results):
     # so AGD's reduction is the identity (an all-reduce over the world would double G).
     for step in results["hsdp2x1-agd"]["collectives"]:
         assert "c10d::allreduce_" not in step["step"]
+
+
+def test_fsdp2_reduce_scatters_every_micro_batch_by_default(results):
+    # 2 micro-batches per rank: the default (parallel.fsdp_reshard_grads=true) reduce-scatters
+    # after each, keeping gradients sharded; false reduce-scatters once, after the last
+    per_micro = results["fsdp2-agd"]["collectives"][0]["backward"]["c10d::_reduce_scatter_base_"]
+    once = results["fsdp2-agd-unsharded-accum"]["collectives"][0]["backward"]["c10d::_reduce_scatter_base_"]
+    assert per_micro == 2 * once

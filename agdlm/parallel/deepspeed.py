@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from agdlm.config import ConfigError
@@ -29,15 +30,24 @@ ONE_SUB_GROUP = 10**15  # ZeRO-3 sub_group_size large enough that AGD sees one s
 
 
 def deepspeed_config(cfg, world_size: int, precision: str) -> dict:
+    """The engine config. Both optimisers: gradient reduction overlapped with the backward
+    (`overlap_comm`; the AGD bindings read the reduced fp32 partition at step time, which the
+    equality tests check with it on). AGD only: clipping off, fp32 gradient reduction, one
+    ZeRO-3 sub-group (every layer's norm before any update), and no DeepSpeed global gradient
+    norm on ZeRO 1/2 where DeepSpeed allows skipping it (not ZeRO-1's BF16_Optimizer, not
+    ZeRO-3): AGD never reads it, and it costs a host sync per step."""
     agd = cfg.optim.name == "agd"
+    stage = cfg.parallel.zero_stage
     zero: dict = {
-        "stage": cfg.parallel.zero_stage,
+        "stage": stage,
         "round_robin_gradients": False,
         "contiguous_gradients": True,
-        "overlap_comm": False,
+        "overlap_comm": True,
     }
-    if cfg.parallel.zero_stage == 3:
+    if agd and stage == 3:
         zero["sub_group_size"] = ONE_SUB_GROUP
+    if agd and stage in (1, 2) and not (stage == 1 and precision == "bf16"):
+        zero["compute_grad_norm"] = False
     ds: dict = {
         "train_batch_size": cfg.train.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
@@ -51,11 +61,52 @@ def deepspeed_config(cfg, world_size: int, precision: str) -> dict:
     if precision == "bf16":
         ds["bf16"] = {"enabled": True}
         ds["data_types"] = {"grad_accum_dtype": "fp32"}
-        ds["communication_data_type"] = "fp32"
     elif precision == "fp16":
         ds["fp16"] = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 1000}
-        ds["communication_data_type"] = "fp32"
+    if agd and precision in ("bf16", "fp16"):
+        ds["communication_data_type"] = "fp32"  # AdamW reduces in the compute dtype, DeepSpeed's default
     return ds
+
+
+def storageless_parameters(model: nn.Module, dtype: torch.dtype, device: torch.device) -> list[nn.Parameter]:
+    """Replace each meta parameter (ties kept) by one on `device` with its shape and no memory
+    (a stride-0 view of one element), so optimisers can be built on it before ZeRO-3
+    partitions it."""
+    replaced: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is None:
+                continue
+            if id(p) not in replaced:
+                view = torch.zeros((), dtype=dtype, device=device).expand(p.shape)
+                replaced[id(p)] = nn.Parameter(view, requires_grad=p.requires_grad)
+            module._parameters[name] = replaced[id(p)]
+    return list(model.parameters())
+
+
+def partition_zero3(params: list[nn.Parameter], ds_config: dict, dtype: torch.dtype, device: torch.device) -> list:
+    """Turn each parameter into a ZeRO-3 partitioned one, one at a time (peak: one whole
+    parameter, uninitialised), the way deepspeed.zero.Init does at construction, minus its
+    broadcast (the values are written afterwards). Returns this rank's partition of each as
+    a sharded_init.LocalShard: elements [r*c, r*c + c) of the flattened parameter (c =
+    partition_numel; the padding of the last partition is left out)."""
+    import deepspeed
+
+    from agdlm.parallel.sharded_init import LocalShard
+
+    deepspeed.init_distributed(dist_init_required=False)  # joins our group; the config reads its world size
+    zero_init = deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype)
+    shards = []
+    for p in params:
+        p.data = torch.empty(p.shape, dtype=dtype, device=device)
+        zero_init._convert_to_deepspeed_param(p)  # DeepSpeed 0.19's per-parameter conversion
+        p.partition()
+        rank = dist.get_rank(p.ds_process_group)
+        chunk = p.partition_numel()
+        start = rank * chunk
+        valid = max(0, min(chunk, p.ds_numel - start))
+        shards.append(LocalShard(p.ds_tensor.detach().view(-1).narrow(0, 0, valid), start))
+    return shards
 
 
 class DeepSpeedBackend(Backend):
@@ -67,12 +118,40 @@ class DeepSpeedBackend(Backend):
         self.engine = None
 
     def setup(self, model: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]) -> None:
+        model = model.to(self.env.device)
+        self._flops_per_token = model.flops_per_token()  # before ZeRO-3 empties the parameters
+        self._initialize(model, make_optimizer(model))
+
+    def builds_sharded(self) -> bool:
+        return self.cfg.parallel.zero_stage == 3 and not self.cfg.model.init_from
+
+    def setup_sharded(self, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], fresh: bool) -> None:
+        """ZeRO-3: build on the meta device, give the parameters their shapes on the device
+        without memory (stride-0 views) so the optimiser can be built, partition them one at a
+        time, then write this rank's partitions: one process's init on a fresh run
+        (agdlm.parallel.sharded_init), zeros on a resume (the checkpoint overwrites them)."""
+        from agdlm.parallel import sharded_init
+
+        model = sharded_init.meta_model(self.cfg.model)
+        ops = sharded_init.init_ops(model, self.cfg) if fresh else None
+        self._flops_per_token = model.flops_per_token()
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
+        params = storageless_parameters(model, dtype, self.env.device)
+        client = make_optimizer(model)
+        self.ds_config = deepspeed_config(self.cfg, self.env.world_size, self.precision)
+        shards = partition_zero3(params, self.ds_config, dtype, self.env.device)
+        if fresh:
+            state = sharded_init.shared_rng_state()
+            sharded_init.initialise_shards(ops, shards, state, device=self.env.device)
+        else:
+            for shard in shards:
+                shard.flat.zero_()
+        self._initialize(model, client)
+
+    def _initialize(self, model: nn.Module, client: torch.optim.Optimizer) -> None:
         import deepspeed
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-        model = model.to(self.env.device)
-        self._flops_per_token = model.flops_per_token()  # before ZeRO-3 empties the parameters
-        client = make_optimizer(model)
         self.ds_config = deepspeed_config(self.cfg, self.env.world_size, self.precision)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client, config=self.ds_config, dist_init_required=False)
         self.engine, self.model, self.raw_model, self.optimizer = engine, engine, engine.module, client

@@ -8,6 +8,7 @@ all-reduce runs over the shard sub-mesh. Checkpoints go through torch.distribute
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,6 +43,18 @@ def build_mesh(device_type: str, world_size: int, replicate: int):
     return init_device_mesh(device_type, (replicate, world_size // replicate), mesh_dim_names=("replicate", "shard"))
 
 
+def local_shard(p: torch.Tensor):
+    """This rank's rows of a Shard(0) DTensor parameter, flat, with their offset in the
+    flattened logical tensor (HSDP replicas hold the same rows)."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    from agdlm.parallel.sharded_init import LocalShard
+
+    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    strides = [math.prod(p.shape[d + 1 :]) for d in range(p.dim())]
+    return LocalShard(p._local_tensor.detach().view(-1), sum(o * s for o, s in zip(offset, strides)))
+
+
 class FSDP2Backend(Backend):
     name = "fsdp2"
 
@@ -55,8 +68,37 @@ class FSDP2Backend(Backend):
         self.shard_group = self.mesh.get_group("shard")
 
     def setup(self, model: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]) -> None:
-        self.raw_model = self.wrap(model.to(self.env.device))
-        self.model = self.raw_model
+        """A whole model built on every rank: start from rank 0's weights, then shard."""
+        model = model.to(self.env.device)
+        with torch.no_grad():  # every rank initialised with its own RNG stream
+            for tensor in model.state_dict().values():
+                dist.broadcast(tensor, src=0)
+        self._finish_setup(self.wrap(model), make_optimizer)
+
+    def builds_sharded(self) -> bool:
+        return not self.cfg.model.init_from  # an HF/agdlm file is read whole
+
+    def setup_sharded(self, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], fresh: bool) -> None:
+        """Build on the meta device, shard, then materialise only this rank's rows: on a fresh
+        run with one process's init (agdlm.parallel.sharded_init), on a resume with zeros
+        (the checkpoint overwrites them)."""
+        from agdlm.parallel import sharded_init
+
+        model = sharded_init.meta_model(self.cfg.model)
+        ops = sharded_init.init_ops(model, self.cfg) if fresh else None  # the AGD plan needs the meta shapes
+        self.wrap(model)
+        model.to_empty(device=self.env.device)  # DTensor parameters are swapped in place: ties survive
+        shards = [local_shard(p) for p in sharded_init.unique_parameters(model)]
+        if fresh:
+            state = sharded_init.shared_rng_state()
+            sharded_init.initialise_shards(ops, shards, state, device=self.env.device)
+        else:
+            for shard in shards:
+                shard.flat.zero_()
+        self._finish_setup(model, make_optimizer)
+
+    def _finish_setup(self, model: nn.Module, make_optimizer) -> None:
+        self.raw_model = self.model = model
         self.optimizer = make_optimizer(self.raw_model)  # built on the DTensor parameters
         if hasattr(self.optimizer, "bind"):  # AGD: local rows + one all-reduce over the shard group
             from agdlm.parallel.bindings import FSDP2Binding
@@ -66,11 +108,7 @@ class FSDP2Backend(Backend):
             self.model = torch.compile(self.model)
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        # Every rank built (and AGD-initialised) the whole model with its own RNG stream;
-        # fully_shard keeps each rank's own rows, so start from rank 0's weights everywhere.
-        with torch.no_grad():
-            for tensor in model.state_dict().values():
-                dist.broadcast(tensor, src=0)
+        """fully_shard each transformer block, then the root (torchtitan's order)."""
         kwargs: dict = {"mesh": self.mesh}
         if self.precision == "bf16":
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -80,8 +118,11 @@ class FSDP2Backend(Backend):
         return model
 
     def forward_backward(self, x, y, accum_steps, is_last):
-        # Reduce-scatter only on the last micro-batch; earlier ones accumulate unsharded grads.
-        self.raw_model.set_requires_gradient_sync(is_last)
+        # parallel.fsdp_reshard_grads (default, as torchtitan): every micro-batch reduce-scatters
+        # and FSDP2 sums into the sharded gradient. Off: earlier micro-batches accumulate whole
+        # unsharded gradients and only the last reduce-scatters (fewer collectives, more memory).
+        if not self.cfg.parallel.fsdp_reshard_grads:
+            self.raw_model.set_requires_gradient_sync(is_last)
         return super().forward_backward(x, y, accum_steps, is_last)
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
