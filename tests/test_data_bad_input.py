@@ -40,7 +40,7 @@ def test_bad_lines_are_skipped_counted_and_logged_with_file_and_line(tmp_path, c
         path = tmp_path / name
         path.write_bytes(zst(data) if name.endswith(".zst") else data)
         docs, bad, text = read(path, caplog)
-        assert docs == good and bad == 5
+        assert docs == good and bad == 6  # 5 records, and the file itself: mostly unreadable
         for line, reason in ((2, "not JSON"), (3, "no text"), (4, "not UTF-8"), (5, "no text"), (8, "no text")):
             assert f"{name}:{line}: {reason}" in text
 
@@ -60,12 +60,12 @@ def test_corrupt_zst_member_in_tar_is_skipped_and_the_next_member_read(tmp_path,
 
 
 def test_truncated_zst_file(tmp_path, caplog):
-    data = zst(jsonl_bytes(make_docs(40)))
+    data = zst(jsonl_bytes(make_docs(40)[:20])) + zst(jsonl_bytes(make_docs(40)[20:]))  # two frames
     path = tmp_path / "cut.jsonl.zst"
     path.write_bytes(data[: len(data) - 20])
     docs, bad, text = read(path, caplog)
     assert bad >= 1 and "cut.jsonl.zst:" in text and "truncated" in text
-    assert docs == make_docs(40)[: len(docs)]
+    assert docs == make_docs(40)[: len(docs)] and len(docs) >= 20
 
 
 @pytest.mark.parametrize("cut", ["in_member", "at_header"])
@@ -107,7 +107,7 @@ def test_missing_paths_and_empty_sources_are_clear_errors(tmp_path, monkeypatch,
     empty = tmp_path / "empty.jsonl"
     empty.write_bytes(b"")
     cfg.data.source, cfg.data.mode = str(empty), "stream"
-    with pytest.raises(ValueError, match="empty.jsonl"):
+    with pytest.raises(DataSourceError, match="no documents in .*empty.jsonl"):
         build_data(cfg).train.next_batch()
     assert prepare_main([str(tmp_path / "missing"), str(tmp_path / "out"), "--no-progress"]) == 2
     assert "missing" in capsys.readouterr().err
@@ -116,8 +116,9 @@ def test_missing_paths_and_empty_sources_are_clear_errors(tmp_path, monkeypatch,
 def test_unreadable_tar_stream_names_the_file(tmp_path, caplog):
     path = tmp_path / "junk.tar"
     path.write_bytes(b"this is not a tar archive at all" * 40)
-    docs, bad, text = read(path, caplog)
-    assert docs == [] and bad == 1 and "junk.tar" in text
+    with pytest.raises(DataSourceError, match=r"no readable documents in .*junk.tar.*not a readable tar"):
+        read(path, caplog)
+    assert "junk.tar" in caplog.text
 
 
 def test_bad_records_do_not_stop_a_streaming_run(tmp_path, monkeypatch):
@@ -131,6 +132,7 @@ def test_bad_records_do_not_stop_a_streaming_run(tmp_path, monkeypatch):
     cfg = Config()
     cfg.model.block_size, cfg.train.global_batch_size, cfg.train.micro_batch_size = 16, 4, 4
     cfg.data.source, cfg.data.mode, cfg.data.val_fraction = str(path), "stream", 0.2
+    cfg.data.max_bad_fraction = 0.1  # 2 of 32 records: under the limit
     data = build_data(cfg)
     for _ in range(30):
         data.train.next_batch()

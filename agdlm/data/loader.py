@@ -38,10 +38,12 @@ from agdlm.data.packing import (
 )
 from agdlm.data.sources import (
     HUB_PREFIX,
+    PREPARED_MARKER,
     SOURCE_ALIASES,
     BadRecords,
     DataSourceError,
     DocumentStream,
+    is_prepared_folder,
     resolve_shards,
 )
 from agdlm.data.tokenizer import encoding_for
@@ -57,10 +59,14 @@ class Data:
     train: TokenBatches | StreamingBlocks
     val: TokenBatches  # eval reads its first `eval_batches` global batches, in order
     kind: str = "memory"  # memory | prepared | stream
+    losses: BadRecords | None = None  # memory: the startup read; prepared: as meta.json recorded them
 
-
-def is_prepared_folder(source: str) -> bool:
-    return os.path.isdir(source) and any(Path(source).glob("train_*.bin"))
+    def bad_counts(self) -> dict[str, int]:
+        """{"data_bad_records": n, "data_bad_members": m} so far, for the metrics. Streaming:
+        this rank's reader (every rank sees the damaged members, each only its own records)."""
+        if isinstance(self.train, StreamingBlocks):
+            return self.train.bad_counts()
+        return (self.losses or BadRecords()).counts()
 
 
 def choose_mode(source: str, mode: str) -> str:
@@ -93,7 +99,7 @@ def _split_tokens(docs, val_fraction: float, threads: int = 1, tokenizer: str = 
     train_docs, val_docs = [], []
     for text in docs:
         (val_docs if is_validation_document(text, val_fraction) else train_docs).append(text)
-    if not train_docs or not val_docs:
+    if not train_docs or not val_docs:  # the stream already refused a source without documents
         raise ConfigError(
             f"data.val_fraction={val_fraction} leaves an empty train or val split "
             f"({len(train_docs)} train, {len(val_docs)} val documents)"
@@ -103,7 +109,8 @@ def _split_tokens(docs, val_fraction: float, threads: int = 1, tokenizer: str = 
 
 def _stream(cfg, source: str, stride: int = 1, offset: int = 0) -> DocumentStream:
     shards = resolve_shards(source, getattr(cfg.data, "split", "train"))
-    return DocumentStream(shards, cfg.data.text_column, stride, offset, BadRecords(), name=source)
+    bad = BadRecords(max_fraction=cfg.data.max_bad_fraction)
+    return DocumentStream(shards, cfg.data.text_column, stride, offset, bad, name=source)
 
 
 def build_data(cfg, rank: int = 0, world_size: int = 1, barrier=None) -> Data:
@@ -127,11 +134,11 @@ def build_data(cfg, rank: int = 0, world_size: int = 1, barrier=None) -> Data:
     if mode == "memory":
         stream = _stream(cfg, source)
         train_tokens, val_tokens = _split_tokens(stream.texts(), d.val_fraction, threads, d.tokenizer)
-        _report_bad(stream)
         return Data(
             train=TokenBatches(train_tokens, seed=d.seed, shuffle=True, **common),
             val=TokenBatches(val_tokens, seed=d.seed, shuffle=False, **common),
             kind="memory",
+            losses=stream.bad,
         )
 
     # streaming
@@ -148,31 +155,58 @@ def build_data(cfg, rank: int = 0, world_size: int = 1, barrier=None) -> Data:
     return Data(train=train, val=TokenBatches(val_tokens, seed=d.seed, shuffle=False, **common), kind="stream")
 
 
-def _report_bad(stream: DocumentStream) -> None:
-    if stream.bad.count:
-        log.warning("data source %s: %d bad records skipped", stream.name, stream.bad.count)
-
-
 def _prepared_data(cfg, folder: str, common: dict) -> Data:
     span = cfg.model.block_size + 1
-    meta = Path(folder) / "meta.json"
-    made_with = json.loads(meta.read_text()).get("tokenizer", "gpt2") if meta.is_file() else "gpt2"
+    meta = read_prepared_meta(Path(folder))
+    made_with = meta.get("tokenizer", "gpt2")
     if made_with != cfg.data.tokenizer:
-        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer!r}, but {meta} says the folder was tokenised "
-                          f"with {made_with!r}")
-    train_files = sorted(Path(folder).glob("train_*.bin"))
-    val_files = sorted(Path(folder).glob("val_*.bin"))
+        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer!r}, but {Path(folder) / PREPARED_MARKER} says the "
+                          f"folder was tokenised with {made_with!r}")
+    train_files, val_files = (prepared_split_files(Path(folder), meta, split) for split in ("train", "val"))
     if not val_files:
         raise DataSourceError(f"prepared data folder {folder} has no val_*.bin files")
     train, val = TokenShards.from_files(train_files, span), TokenShards.from_files(val_files, span)
     for name, store in (("train", train), ("val", val)):
         if store.num_blocks < 1:
             raise DataSourceError(f"prepared data folder {folder}: the {name} shards hold fewer than block_size+1 = {span} tokens")
+    losses = BadRecords()
+    losses.records, losses.members = int(meta.get("bad_records", 0)), int(meta.get("bad_members", 0))
     return Data(
         train=TokenBatches(train, seed=cfg.data.seed, shuffle=True, **common),
         val=TokenBatches(val, seed=cfg.data.seed, shuffle=False, **common),
         kind="prepared",
+        losses=losses,
     )
+
+
+def read_prepared_meta(folder: Path) -> dict:
+    """meta.json, the mark `agdlm prepare` writes last: without it the folder is unfinished."""
+    path = folder / PREPARED_MARKER
+    redo = f"run `agdlm prepare SOURCE {folder}` again (it starts an unfinished folder over)"
+    if not path.is_file():
+        raise DataSourceError(f"prepared data folder {folder} is unfinished: {path} is missing (its `agdlm prepare` "
+                              f"was interrupted or failed); {redo}")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataSourceError(f"{path} is unreadable ({e}); {redo}") from None
+    if not (isinstance(meta, dict) and isinstance(meta.get("files"), dict) and isinstance(meta.get("tokens"), dict)):
+        raise DataSourceError(f"{path} is not an `agdlm prepare` meta.json (no files/tokens); {redo}")
+    return meta
+
+
+def prepared_split_files(folder: Path, meta: dict, split: str) -> list[Path]:
+    """The split's shard files as meta.json lists them, checked against its token count."""
+    paths = [folder / name for name in meta["files"].get(split, [])]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise DataSourceError(f"prepared data folder {folder}: {missing[0]} is missing (listed in {PREPARED_MARKER})")
+    tokens = sum(p.stat().st_size for p in paths) // 2
+    expected = int(meta["tokens"].get(split, tokens))
+    if tokens != expected:
+        raise DataSourceError(f"prepared data folder {folder}: the {split} shards hold {tokens} tokens, "
+                              f"{PREPARED_MARKER} says {expected} (changed or damaged after `agdlm prepare`)")
+    return paths
 
 
 def collect_val_tokens(stream: DocumentStream, val_fraction: float, need_tokens: int, threads: int = 1,

@@ -23,7 +23,8 @@ from itertools import islice
 import numpy as np
 import torch
 
-from agdlm.data.sources import Cursor, DocumentStream
+from agdlm.config import ConfigError
+from agdlm.data.sources import Cursor, DataSourceError, DocumentStream
 from agdlm.data.tokenizer import EOT_TOKEN
 
 
@@ -261,21 +262,32 @@ class StreamingBlocks:
     def bad_records(self) -> int:
         return self.stream.bad.count
 
+    def bad_counts(self) -> dict[str, int]:
+        return self.stream.bad.counts()
+
     # documents -> tokens -> chunks of blocks
     def _train_documents(self, epoch: int, cursor: Cursor) -> Iterator[tuple[int, Cursor, str]]:
         while True:
-            from_start, found = cursor == Cursor(), False
+            from_start, found, held_out = cursor == Cursor(), False, 0
             for cur, text in self.stream.iter_from(cursor):
                 if self.val_fraction > 0 and is_validation_document(text, self.val_fraction):
+                    held_out += 1
                     continue
                 found = True
                 yield epoch, cur, text
             if from_start and not found:
-                raise ValueError(
-                    f"data source {self.stream.name}: rank {self.rank} of {self.world_size} has no training "
-                    "documents (too few documents for this many ranks, or all of them held out for validation)"
-                )
+                self._no_training_documents(held_out)
             epoch, cursor = epoch + 1, Cursor()
+
+    def _no_training_documents(self, held_out: int) -> None:
+        reader = f"rank {self.rank} of {self.world_size}" if self.world_size > 1 else "the reader"
+        if held_out:
+            raise ConfigError(
+                f"data.val_fraction={self.val_fraction} holds out every document {reader} gets from "
+                f"{self.stream.name} ({held_out} documents): none is left to train on; lower data.val_fraction"
+            )
+        raise DataSourceError(f"data source {self.stream.name}: {reader} gets no documents (too few documents "
+                              "for this many ranks)")
 
     def _tokenized(self, epoch: int, cursor: Cursor) -> Iterator[tuple[int, Cursor, np.ndarray]]:
         docs = self._train_documents(epoch, cursor)
@@ -349,6 +361,7 @@ class StreamingBlocks:
                     "chunk_index": self._chunk_index,
                     "blocks_emitted": self._emitted,
                     "bad_records": self.bad_records,
+                    "losses": self.stream.bad.state_dict(),
                 }
             },
         }
@@ -377,6 +390,7 @@ class StreamingBlocks:
                 "save every rank's data.state_dict() (merge them with agdlm.data.merge_states)"
             )
         self.batches_consumed = int(state.get("batches_consumed", 0))
+        self.stream.bad.load_state_dict(mine.get("losses", {}))  # the metrics' counts go on from there
         self._restart(
             epoch=mine["epoch"], cursor=mine["cursor"], token_offset=mine["token_offset"],
             chunk_index=mine["chunk_index"], blocks_emitted=mine["blocks_emitted"],
