@@ -31,6 +31,7 @@ from agdlm.data import DataSourceError, build_data, encoding_for, merge_states
 from agdlm.metrics import MetricsFileError, build_metrics, memory_stats, metrics_lines, peak_flops, roll_back_metrics
 from agdlm.model import GPT
 from agdlm.parallel import CHECKPOINT_LAYOUT, build_backend, init_distributed, shutdown_distributed
+from agdlm.parallel.bindings import BindingInternalsMissing
 from agdlm.parallel.env import exit_without_teardown, launched_as_worker
 from agdlm.profiling import StepProfiler
 from agdlm import provenance
@@ -423,6 +424,7 @@ class Trainer:
         if self.peak_flops:
             record["mfu"] = self.backend.flops_per_token() * tokens_per_s / (self.peak_flops * self.env.world_size)
         record.update(memory_stats(self.env.device))
+        record.update(self.data.bad_counts())  # data_bad_records, data_bad_members
         return record
 
     def _extends_finished_run(self) -> bool:
@@ -550,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"agdlm: {e}", file=sys.stderr)
         return 3
-    except (ResumeRefused, DiskFullError, MetricsFileError) as e:
+    except (ResumeRefused, DiskFullError, MetricsFileError, BindingInternalsMissing) as e:
         print(f"agdlm: {e}", file=sys.stderr)
         return 2
     except (DataSourceError, FileNotFoundError) as e:  # checkpoint files are checked before they are read

@@ -373,3 +373,20 @@ def test_paths_that_look_local_are_never_hub_ids(tmp_path, monkeypatch, name):
     with pytest.raises(DataSourceError, match="no such file or folder"):
         open_stream(name)
     assert time.monotonic() - start < 5
+
+
+def test_bad_record_counts_reach_the_training_metrics(tmp_path):
+    """The trainer logs the loader's counts: one bad record among 60 documents under a
+    max_bad_fraction that tolerates it."""
+    from agdlm.config import load_config
+    from agdlm.train import train as run_training
+
+    lines = jsonl_bytes(make_docs(60), paragraphs=True).split(b"\n")
+    lines.insert(5, b'{"text": [1, null]}')
+    source = tmp_path / "docs.jsonl"
+    source.write_bytes(b"\n".join(lines))
+    run_training(load_config(None, [*TINY, f"train.out_dir={tmp_path / 'runs'}", "train.run_name=counted",
+                                    f"data.source={source}", "data.max_bad_fraction=0.1", "train.max_steps=2"]))
+    records = [json.loads(line) for line in (tmp_path / "runs" / "counted" / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if r["kind"] == "train"]
+    assert train_records and all(r["data_bad_records"] == 1 and r["data_bad_members"] == 0 for r in train_records)
