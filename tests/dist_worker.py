@@ -9,20 +9,17 @@ On FSDP2 the collectives of the step are counted."""
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-import traceback
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from agdlm.config import load_config
 from agdlm.model import GPT
 from agdlm.parallel import build_backend
-from agdlm.parallel.env import DistEnv, exit_without_teardown, free_port
+from agdlm.parallel.env import DistEnv
 from agdlm.train import make_optimizer_factory
+from gloo_workers import join_group, run_cases, spawn
 
 TINY = [
     "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "model.vocab_size=128",
@@ -223,36 +220,14 @@ def run_case(name: str, overrides: list[str], env: DistEnv, tmp: Path) -> dict:
 
 
 def worker(rank: int, world_size: int, port: int, out: str, only: list[str] | None) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    env = DistEnv(rank=rank, local_rank=rank, world_size=world_size, device=torch.device("cpu"))
+    env = join_group(rank, world_size, port)
     tmp = Path(out).parent / "ckpt"
-    results = {}
-    for name, overrides in CASES.items():
-        if only and name not in only:
-            continue
-        try:
-            results[name] = run_case(name, overrides, env, tmp)
-        except Exception:  # record and go on: one broken backend must not hide the others
-            results[name] = {"error": traceback.format_exc()}
-            if rank == 0:
-                print(f"[{name}] {results[name]['error']}", file=sys.stderr, flush=True)
-            raise  # the other rank would hang in a collective otherwise
-        if rank == 0:
-            Path(out).write_text(json.dumps(results, indent=1))
-    dist.barrier()
-    dist.destroy_process_group()
-    exit_without_teardown(0)  # DeepSpeed workers can abort in interpreter teardown
+    cases = {name: o for name, o in CASES.items() if not only or name in only}
+    run_cases(env, out, cases, lambda name, overrides: run_case(name, overrides, env, tmp))
 
 
 def main() -> None:
-    import torch.multiprocessing as mp
-
-    out = sys.argv[1]
-    only = sys.argv[2:] or None
-    mp.spawn(worker, args=(2, free_port(), out, only), nprocs=2, join=True)
+    spawn(worker, 2, sys.argv[1], sys.argv[2:] or None)
 
 
 if __name__ == "__main__":

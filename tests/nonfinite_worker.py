@@ -5,8 +5,6 @@ weights bitwise unchanged, count the skip, and move again on the next good step.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -17,7 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dist_worker import TINY, build, initial_weights, train_step  # noqa: E402
 
 from agdlm.config import load_config  # noqa: E402
-from agdlm.parallel.env import DistEnv, exit_without_teardown, free_port  # noqa: E402
+from agdlm.parallel.env import DistEnv  # noqa: E402
+from gloo_workers import join_group, run_cases, spawn  # noqa: E402
 
 CASES = {
     "ddp": ["parallel.backend=ddp"],
@@ -59,25 +58,15 @@ def run_case(overrides: list[str], env: DistEnv) -> dict:
 
 
 def worker(rank: int, world_size: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    env = DistEnv(rank=rank, local_rank=rank, world_size=world_size, device=torch.device("cpu"))
-    results = {}
-    for name, overrides in CASES.items():
-        mine = run_case(overrides, env)
+    env = join_group(rank, world_size, port)
+
+    def every_rank(name: str, overrides: list[str]) -> list[dict]:
         gathered: list = [None] * world_size
-        dist.all_gather_object(gathered, mine)
-        results[name] = gathered
-    if rank == 0:
-        Path(out).write_text(json.dumps(results, indent=1))
-    dist.barrier()
-    dist.destroy_process_group()
-    exit_without_teardown(0)
+        dist.all_gather_object(gathered, run_case(overrides, env))
+        return gathered
+
+    run_cases(env, out, CASES, every_rank)
 
 
 if __name__ == "__main__":
-    import torch.multiprocessing as mp
-
-    mp.spawn(worker, args=(2, free_port(), sys.argv[1]), nprocs=2, join=True)
+    spawn(worker, 2, sys.argv[1])

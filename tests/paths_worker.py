@@ -11,18 +11,13 @@ ZeRO-2), and HSDP 2 x 2 on 4 ranks.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-import traceback
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dist_worker  # noqa: E402
-from agdlm.parallel.env import DistEnv, exit_without_teardown, free_port  # noqa: E402
+from gloo_workers import join_group, run_cases, spawn  # noqa: E402
 
 ODD = ["model.n_embd=48", "model.n_head=3", "model.vocab_size=101"]
 BIG_VOCAB = ["model.n_embd=48", "model.n_head=3", "model.vocab_size=4099"]  # wte 196,752 > 1e5: partitioned
@@ -52,35 +47,15 @@ CASES = {
 
 
 def worker(rank: int, world_size: int, port: int, out: str, only: list[str] | None) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    env = DistEnv(rank=rank, local_rank=rank, world_size=world_size, device=torch.device("cpu"))
+    env = join_group(rank, world_size, port)
     # every rank takes 2 micro-batches of 2 rows: the global batch grows with the world size
     dist_worker.ROWS = 4 * world_size
     dist_worker.TINY = [o for o in dist_worker.TINY if not o.startswith("train.global_batch_size")] + [
         f"train.global_batch_size={dist_worker.ROWS}"]
     tmp = Path(out).parent / f"ckpt{world_size}"
-    results = {}
-    for name, overrides in CASES[world_size].items():
-        if only and name not in only:
-            continue
-        try:
-            results[name] = dist_worker.run_case(name, overrides, env, tmp)
-        except Exception:
-            if rank == 0:
-                print(f"[{name}] {traceback.format_exc()}", file=sys.stderr, flush=True)
-            raise
-        if rank == 0:
-            Path(out).write_text(json.dumps(results, indent=1))
-    dist.barrier()
-    dist.destroy_process_group()
-    exit_without_teardown(0)
+    cases = {name: o for name, o in CASES[world_size].items() if not only or name in only}
+    run_cases(env, out, cases, lambda name, overrides: dist_worker.run_case(name, overrides, env, tmp))
 
 
 if __name__ == "__main__":
-    import torch.multiprocessing as mp
-
-    world = int(sys.argv[2])
-    mp.spawn(worker, args=(world, free_port(), sys.argv[1], sys.argv[3:] or None), nprocs=world, join=True)
+    spawn(worker, int(sys.argv[2]), sys.argv[1], sys.argv[3:] or None)

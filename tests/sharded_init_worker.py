@@ -6,21 +6,18 @@ training step with the same step from a backend given those weights whole (the o
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-import traceback
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dist_worker import TINY, global_batch  # noqa: E402
 
 from agdlm.config import load_config  # noqa: E402
 from agdlm.model import GPT  # noqa: E402
-from agdlm.parallel.env import DistEnv, exit_without_teardown, free_port  # noqa: E402
+from agdlm.parallel.env import DistEnv  # noqa: E402
+from gloo_workers import join_group, run_cases, spawn  # noqa: E402
 from agdlm.train import build_model_and_backend, default_initial_weights, make_optimizer_factory  # noqa: E402
 from agdlm.parallel import build_backend  # noqa: E402
 
@@ -91,38 +88,18 @@ def run_case(overrides: list[str], env: DistEnv) -> dict:
 
 
 def worker(rank: int, world_size: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1")
     import logging
     import warnings
 
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    env = DistEnv(rank=rank, local_rank=rank, world_size=world_size, device=torch.device("cpu"))
-    results = {}
-    for name, overrides in CASES.items():
-        if "parallel.replicate=2" in overrides and world_size != 2:
-            continue
-        try:
-            results[name] = run_case(overrides, env)
-        except Exception:
-            if rank == 0:
-                print(f"[{name}] {traceback.format_exc()}", file=sys.stderr, flush=True)
-            raise  # the other ranks would hang in a collective otherwise
-        if rank == 0:
-            Path(out).write_text(json.dumps(results, indent=1))
-    dist.barrier()
-    dist.destroy_process_group()
-    exit_without_teardown(0)  # DeepSpeed workers can abort in interpreter teardown
+    env = join_group(rank, world_size, port)
+    cases = {name: o for name, o in CASES.items() if "parallel.replicate=2" not in o or world_size == 2}
+    run_cases(env, out, cases, lambda name, overrides: run_case(overrides, env))
 
 
 def main() -> None:
-    import torch.multiprocessing as mp
-
-    out, world_size = sys.argv[1], int(sys.argv[2])
-    mp.spawn(worker, args=(world_size, free_port(), out), nprocs=world_size, join=True)
+    spawn(worker, int(sys.argv[2]), sys.argv[1])
 
 
 if __name__ == "__main__":

@@ -10,30 +10,20 @@
 - on FSDP2 the AGD step issues exactly one collective, an all_reduce, and the backward
   issues the same collectives as AdamW's."""
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gloo_workers import run_worker_script  # noqa: E402
 from dist_worker import CASES  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory, agdlm_cache):
-    out = tmp_path_factory.mktemp("dist") / "results.json"
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1",
-           "AGDLM_CACHE": str(agdlm_cache)}
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "dist_worker.py"), str(out)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        pytest.fail(f"dist worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(out.read_text())
+    return run_worker_script("dist_worker.py", tmp_path_factory.mktemp("dist") / "results.json", cache=agdlm_cache)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -10,35 +10,22 @@ gradients agree only to bf16's ~2^-8 per element; a sign-rule LayerNorm gain who
 sign flips moves by 2 eta/L instead of 0, and zero-initialised biases are measured against
 their own small size (measured: <= 0.029). A wrong shard offset gives errors of order 1."""
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gloo_workers import run_worker_script  # noqa: E402
 from paths_worker import CASES  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_worker(tmp, world: int, cache) -> dict:
-    out = tmp / f"paths{world}.json"
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1",
-           "AGDLM_CACHE": str(cache)}
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "paths_worker.py"), str(out), str(world)], env=env,
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        pytest.fail(f"paths worker ({world} ranks) failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(out.read_text())
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory, agdlm_cache):
     tmp = tmp_path_factory.mktemp("paths")
-    return {**run_worker(tmp, 3, agdlm_cache), **run_worker(tmp, 4, agdlm_cache)}
+    return {**run_worker_script("paths_worker.py", tmp / "paths3.json", "3", cache=agdlm_cache, timeout=900),
+            **run_worker_script("paths_worker.py", tmp / "paths4.json", "4", cache=agdlm_cache, timeout=900)}
 
 
 ALL = [case for cases in CASES.values() for case in cases]

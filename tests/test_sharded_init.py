@@ -5,34 +5,23 @@ weights one process builds from the same seed (AGD's orthogonal init and AdamW's
 tied and untied; biases on and off), ties survive, and one training step from them equals
 the step of a backend given those weights whole."""
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gloo_workers import run_worker_script  # noqa: E402
 from sharded_init_worker import CASES  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 WORLD_SIZES = (1, 2, 3)
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory, agdlm_cache):
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1",
-           "AGDLM_CACHE": str(agdlm_cache)}
-    out = {}
-    for world in WORLD_SIZES:
-        path = tmp_path_factory.mktemp("sharded_init") / f"world{world}.json"
-        proc = subprocess.run([sys.executable, str(ROOT / "tests" / "sharded_init_worker.py"), str(path), str(world)],
-                              env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-        if proc.returncode != 0:
-            pytest.fail(f"sharded init worker ({world} ranks) failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-        out[world] = json.loads(path.read_text())
-    return out
+    tmp = tmp_path_factory.mktemp("sharded_init")
+    return {world: run_worker_script("sharded_init_worker.py", tmp / f"world{world}.json", str(world), cache=agdlm_cache)
+            for world in WORLD_SIZES}
 
 
 def _cases():
