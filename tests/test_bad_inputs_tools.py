@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from agdlm.config import config_to_yaml, load_config
-from agdlm.train import parse_args
+from test_sweep import config_from_args
 
 SWEEP = """
 name: inj
@@ -204,11 +204,6 @@ def slurm_arguments(line: str) -> list[str]:
             i += 1
         args.append(arg)
     return args
-
-
-def config_from_args(args):
-    files, overrides = parse_args(args)
-    return load_config(files or None, overrides)
 
 
 def test_shell_syntax_in_sweep_values_never_runs(tmp_path):
