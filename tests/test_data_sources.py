@@ -188,4 +188,4 @@ def test_missing_and_unsupported_sources_name_the_path(tmp_path):
         open_stream(str(odd))
     with pytest.raises(DataSourceError, match="missing-folder"):
         open_stream("hub:" + str(tmp_path / "missing-folder"))
-    assert Cursor() == (0, 0, 0, 0, 0)
+    assert Cursor() == (0, 0, 0, 0, 0, 0)

@@ -14,6 +14,9 @@ Every path yields `Data(train, val)`; train has next_batch/state_dict/load_state
 val.batch(k) is fixed. In memory and prepared: split by document hash (or by file);
 streaming: held-out documents by hash, val tokens collected at startup from the stream's
 head (cached by rank 0 in the cache dir, so the other ranks wait on `barrier` and read it).
+Streaming ranks share the training documents by members (whole files / tar members, when
+there are at least as many as ranks: each rank decompresses ~1/N) or else by documents
+(every rank walks the whole stream); the choice is logged and kept in the data position.
 """
 
 from __future__ import annotations
@@ -39,10 +42,12 @@ from agdlm.data.packing import (
 from agdlm.data.sources import (
     HUB_PREFIX,
     PREPARED_MARKER,
+    SHARE_MEMBERS,
     SOURCE_ALIASES,
     BadRecords,
     DataSourceError,
     DocumentStream,
+    choose_share,
     is_prepared_folder,
     resolve_shards,
 )
@@ -110,7 +115,21 @@ def _split_tokens(docs, val_fraction: float, threads: int = 1, tokenizer: str = 
 def _stream(cfg, source: str, stride: int = 1, offset: int = 0) -> DocumentStream:
     shards = resolve_shards(source, getattr(cfg.data, "split", "train"))
     bad = BadRecords(max_fraction=cfg.data.max_bad_fraction)
-    return DocumentStream(shards, cfg.data.text_column, stride, offset, bad, name=source)
+    share = choose_share(shards, stride)
+    if stride > 1:
+        log_share(source, share, stride, offset)
+    return DocumentStream(shards, cfg.data.text_column, stride, offset, bad, name=source, share=share)
+
+
+def log_share(source: str, share: str, ranks: int, rank: int) -> None:
+    if rank != 0:
+        return
+    if share == SHARE_MEMBERS:
+        log.info("streaming %s over %d ranks by members: it has at least %d files/tar members; member i goes whole "
+                 "to rank i mod %d, so each rank decompresses about 1/%d of it", source, ranks, ranks, ranks, ranks)
+    else:
+        log.info("streaming %s over %d ranks by documents: fewer files/tar members than ranks; document i goes to "
+                 "rank i mod %d, every rank decompresses all of it", source, ranks, ranks)
 
 
 def build_data(cfg, rank: int = 0, world_size: int = 1, barrier=None) -> Data:

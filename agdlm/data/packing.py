@@ -6,7 +6,8 @@ Two ways to serve blocks:
     from `agdlm prepare`), chosen by a global sampler that decides global batch k whatever
     the number of ranks; rank r takes its rows. Position = global batches consumed, so a run
     resumes on any number of ranks and sees the same data.
-  - `StreamingBlocks`: each rank reads its own disjoint part of a document stream,
+  - `StreamingBlocks`: each rank reads its own disjoint part of a document stream (whole
+    members or strided documents, `DocumentStream.share`),
     tokenises in batches and packs blocks; a shuffle buffer of `shuffle_buffer` blocks is
     permuted with a seed of (seed, rank, chunk number). Position = where the current chunk
     started (epoch, reader cursor, token offset in that document), the chunk number and the
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from agdlm.config import ConfigError
-from agdlm.data.sources import Cursor, DataSourceError, DocumentStream
+from agdlm.data.sources import SHARE_DOCUMENTS, Cursor, DataSourceError, DocumentStream
 from agdlm.data.tokenizer import EOT_TOKEN
 
 
@@ -349,6 +350,7 @@ class StreamingBlocks:
             "kind": "stream",
             "source": self.stream.name,
             "world_size": self.world_size,
+            "share": self.stream.share,
             "block_size": self.block_size,
             "shuffle_buffer": self.shuffle_buffer,
             "seed": self.seed,
@@ -378,6 +380,13 @@ class StreamingBlocks:
                 f"{self.world_size} ranks: each rank reads its own part of the stream. Resume with "
                 f"{state['world_size']} ranks, or pre-tokenise the data (`agdlm prepare SOURCE OUT`, then "
                 "data.source=OUT), whose position does not depend on the world size."
+            )
+        saved_share = state.get("share", SHARE_DOCUMENTS)  # positions from before members were shared
+        if saved_share != self.stream.share:
+            raise ValueError(
+                f"the streaming data position was saved with ranks sharing the source by {saved_share}, this run "
+                f"shares it by {self.stream.share} (the source's files/tar members changed?): cannot resume exactly; "
+                "see data/openwebtext2/README.md"
             )
         for key, mine in (("block_size", self.block_size), ("shuffle_buffer", self.shuffle_buffer), ("seed", self.seed)):
             if int(state[key]) != mine:

@@ -17,9 +17,11 @@ joined here with blank lines.
 
 Records are numbered by their line (row, example) within a file or tar member; a stream
 numbers all records of an epoch with a global `index`, and reader `offset` of `stride`
-readers takes the records with index % stride == offset: its part of the stream is disjoint
-from the others', and all readers together see every record once per epoch. Records of
-other readers are counted but never parsed.
+readers takes its share, disjoint from the others', all readers together seeing every record
+once per epoch: by documents (the records with index % stride == offset; every reader walks
+the whole stream, counting other readers' records without parsing them), or, when the source
+has at least as many data members (files, .jsonl tar members) as readers, by members (member
+u goes whole to reader u % stride; the others are never opened or decompressed).
 
 Bad input is skipped, counted in `BadRecords` and logged once with the file and line:
 records one by one (a non-JSON line, a line without text, a text list holding non-strings,
@@ -58,13 +60,16 @@ class DataSourceError(RuntimeError):
 
 class Cursor(NamedTuple):
     """Where the next record is: shard number, tar member (header offset and number), record
-    (line / row) within the file or member, and the record's global index in the epoch."""
+    (line / row) within the file or member, the record's index in the epoch (over the whole
+    stream when documents are split; over this reader's members when members are), and the
+    data member's number (`unit`: files and .jsonl tar members, counted over the source)."""
 
     shard: int = 0
     member_offset: int = 0
     member_index: int = 0
     record: int = 0
     index: int = 0
+    unit: int = 0
 
 
 EARLY_CHECK_MIN_RECORDS = 1000  # below these, a fraction says little: the end of the pass decides
@@ -254,16 +259,23 @@ READ_ERRORS = (zstandard.ZstdError, tarfile.TarError, OSError, EOFError)
 
 
 class Shard:
+    """A file (or hub dataset) of documents: one data member, unless it holds members itself."""
+
     name: str
+    holds_members = False  # a tar: its .jsonl members are the data members, numbered by the reader
 
     def read(self, stream: "DocumentStream", start: Cursor) -> Iterator[tuple[Cursor, str]]:
         raise NotImplementedError
 
+    def count_members(self, at_least: int) -> int:
+        """How many data members it holds (counting may stop once `at_least` are found)."""
+        return 1
 
-def _jsonl_records(stream, lines, where, start, shard, member_offset=0, member_index=0):
+
+def _jsonl_records(stream, lines, where, start):
     """Records of one jsonl file or tar member, from line `start.record`; advances stream.index.
     Returns True when the rest of its bytes could not be read."""
-    stride, offset, column, bad = stream.stride, stream.offset, stream.text_column, stream.bad
+    column, bad = stream.text_column, stream.bad
     bad.start_member(where)
     lineno = start.record - 1
     try:
@@ -272,7 +284,7 @@ def _jsonl_records(stream, lines, where, start, shard, member_offset=0, member_i
                 continue
             index = stream.index
             stream.index += 1
-            if index % stride != offset or not raw.strip():
+            if not stream.takes(index) or not raw.strip():
                 continue
             try:
                 record = json.loads(raw)
@@ -286,7 +298,7 @@ def _jsonl_records(stream, lines, where, start, shard, member_offset=0, member_i
             if text is None:
                 bad.add(f"{where}:{lineno + 1}", problem)
                 continue
-            yield Cursor(shard, member_offset, member_index, lineno, index), text
+            yield start._replace(record=lineno, index=index), text
     except READ_ERRORS as e:
         bad.lose_member(f"{where}:{lineno + 2}", f"unreadable data, rest of it skipped ({type(e).__name__}: {e})")
         bad.end_member()
@@ -309,8 +321,9 @@ class JsonlShard(Shard):
             if start.record == 0 and os.fstat(raw.fileno()).st_size == 0:
                 log.warning("empty file skipped: %s", self.name)
                 return
+            stream.opened.append(self.name)
             chunks = zstd_chunks(raw) if self.name.endswith(".zst") else plain_chunks(raw)
-            yield from _jsonl_records(stream, byte_lines(chunks), self.name, start, start.shard)
+            yield from _jsonl_records(stream, byte_lines(stream.counted(chunks)), self.name, start)
 
 
 class TextShard(Shard):
@@ -322,10 +335,12 @@ class TextShard(Shard):
     def read(self, stream, start):
         index = stream.index
         stream.index += 1
-        if start.record > 0 or index % stream.stride != stream.offset:
+        if start.record > 0 or not stream.takes(index):
             return
+        stream.opened.append(self.name)
         with _open_local(self.path) as raw:
             data = raw.read()
+        stream.bytes_read += len(data)
         try:  # the file is one record: a bad one is counted once, as a record
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -337,7 +352,7 @@ class TextShard(Shard):
                 log.warning("empty file skipped: %s", self.name)
                 text = ""
         if text:
-            yield Cursor(start.shard, 0, 0, 0, index), text
+            yield start._replace(record=0, index=index), text
 
 
 class ParquetShard(Shard):
@@ -357,6 +372,7 @@ class ParquetShard(Shard):
         if column not in pf.schema_arrow.names:
             raise DataSourceError(f"{self.name}: no column {column!r} (columns: {', '.join(pf.schema_arrow.names)})")
         row0 = 0
+        stream.opened.append(self.name)
         stream.bad.start_member(self.name)
         for group in range(pf.num_row_groups):
             rows = pf.metadata.row_group(group).num_rows
@@ -370,13 +386,13 @@ class ParquetShard(Shard):
                     continue
                 index = stream.index
                 stream.index += 1
-                if index % stream.stride != stream.offset:
+                if not stream.takes(index):
                     continue
                 text, problem = text_or_problem({column: value}, column)
                 if text is None:
                     stream.bad.add(f"{self.name}:row {row}", problem)
                     continue
-                yield Cursor(start.shard, 0, 0, row, index), text
+                yield start._replace(record=row, index=index), text
             row0 += rows
         stream.bad.end_member()
 
@@ -390,8 +406,26 @@ class TarShard(Shard):
     comes before, and members are walked header to header. A non-seekable object is read
     with tarfile's stream mode from the start."""
 
-    def __init__(self, name: str, opener: Callable[[], object]):
+    holds_members = True
+
+    def __init__(self, name: str, opener: Callable[[], object], probe_opener: Callable[[], object] | None = None):
         self.name, self.opener = name, opener
+        self.probe_opener = probe_opener or opener  # for counting members: headers only (small reads)
+
+    def count_members(self, at_least: int) -> int:
+        """The .jsonl members, header to header without decompressing; stops at `at_least`.
+        An unreadable or damaged archive counts what was found before the damage."""
+        found = 0
+        try:
+            with self.probe_opener() as fileobj:
+                seekable = getattr(fileobj, "seekable", lambda: False)()
+                tar = tarfile.open(fileobj=fileobj, mode="r:" if seekable else "r|")
+                while found < at_least and (member := tar.next()) is not None:
+                    found += member.isfile() and _is_jsonl(member.name)
+                    tar.members.clear()  # headers only: keep memory flat on big archives
+        except Exception as e:  # the reader names the damage when it gets there
+            log.info("counting members of %s stopped at %d: %s", self.name, found, e)
+        return found
 
     def read(self, stream, start):
         try:
@@ -473,16 +507,19 @@ class TarShard(Shard):
             member_index, record0 = member_index + 1, 0
 
     def _member(self, stream, tar, member, offset, member_index, shard, record0):
-        """The records of one `.jsonl(.zst)` member (others are passed over); True when its
-        data could not be read to the end."""
+        """The records of one `.jsonl(.zst)` member (others, and other readers' members, are
+        passed over undecompressed); True when its data could not be read to the end."""
         if not (member.isfile() and _is_jsonl(member.name)):
             return False
+        unit = stream.next_unit()
+        if not stream.owns(unit):
+            return False
+        name = f"{self.name}[{member.name}]"
+        stream.opened.append(name)
         f = tar.extractfile(member)
         chunks = zstd_chunks(f) if member.name.endswith(".zst") else plain_chunks(f)
-        return (yield from _jsonl_records(
-            stream, byte_lines(chunks), f"{self.name}[{member.name}]", Cursor(shard, offset, member_index, record0),
-            shard, offset, member_index,
-        ))
+        start = Cursor(shard, offset, member_index, record0, unit=unit)
+        return (yield from _jsonl_records(stream, byte_lines(stream.counted(chunks)), name, start))
 
 
 def _has_end_marker(fileobj, offset: int) -> bool:
@@ -547,17 +584,18 @@ class HubDatasetShard(Shard):
         if start.record:
             ds = ds.skip(start.record)
         column = stream.text_column
+        stream.opened.append(self.name)
         stream.bad.start_member(self.name)
         for row, example in enumerate(ds, start.record):
             index = stream.index
             stream.index += 1
-            if index % stream.stride != stream.offset:
+            if not stream.takes(index):
                 continue
             text, problem = text_or_problem(example, column)
             if text is None:
                 stream.bad.add(f"{self.name}:example {row}", problem)
                 continue
-            yield Cursor(start.shard, 0, 0, row, index), text
+            yield start._replace(record=row, index=index), text
         stream.bad.end_member()
 
 
@@ -668,7 +706,9 @@ def hub_shards(repo_id: str, split: str = "train") -> list[Shard]:
         except Exception as e:  # offline, private, or not a dataset repo: let `datasets` say why
             log.info("listing hub dataset %s failed (%s); using datasets streaming", repo_id, e)
     if tars:
-        return [TarShard(f"hf://{t}", lambda t=t: fs.open(t, "rb", block_size=8 << 20)) for t in tars]
+        return [TarShard(f"hf://{t}", lambda t=t: fs.open(t, "rb", block_size=8 << 20),
+                         probe_opener=lambda t=t: fs.open(t, "rb", block_size=64 << 10))  # headers: small ranges
+                for t in tars]
     return [HubDatasetShard(repo_id, split)]
 
 
@@ -691,18 +731,67 @@ def resolve_shards(source: str, split: str = "train") -> list[Shard]:
 # ---- the stream ----------------------------------------------------------------------------
 
 
+SHARE_DOCUMENTS = "documents"  # record i of the epoch -> reader i mod stride (world-size invariant)
+SHARE_MEMBERS = "members"  # data member u (file / .jsonl tar member) -> reader u mod stride, read whole
+
+
+def count_members(shards: list[Shard], at_least: int) -> int:
+    """Data members of the shards (files, .jsonl tar members); may stop once `at_least` are found."""
+    found = 0
+    for shard in shards:
+        if found >= at_least:
+            break
+        found += shard.count_members(at_least - found)
+    return found
+
+
+def choose_share(shards: list[Shard], readers: int) -> str:
+    """Whole members per reader when there are at least as many members as readers, so each
+    reader decompresses ~1/readers of the source; otherwise documents strided over readers."""
+    if readers > 1 and count_members(shards, readers) >= readers:
+        return SHARE_MEMBERS
+    return SHARE_DOCUMENTS
+
+
 class DocumentStream:
-    """The documents of a list of shards, in order, for reader `offset` of `stride`."""
+    """The documents of a list of shards, in order, for reader `offset` of `stride`.
+
+    share="documents": the reader takes records index % stride == offset (every reader walks
+    the whole stream); share="members": it takes the whole data members unit % stride ==
+    offset and never opens the others. `opened` (names) and `bytes_read` (decompressed bytes)
+    count what this reader actually read."""
 
     def __init__(self, shards: list[Shard], text_column: str = "text", stride: int = 1, offset: int = 0,
-                 bad: BadRecords | None = None, name: str = ""):
+                 bad: BadRecords | None = None, name: str = "", share: str = SHARE_DOCUMENTS):
         if not 0 <= offset < stride:
             raise ValueError(f"reader offset {offset} is not in [0, {stride})")
+        if share not in (SHARE_DOCUMENTS, SHARE_MEMBERS):
+            raise ValueError(f"share must be {SHARE_DOCUMENTS!r} or {SHARE_MEMBERS!r}, not {share!r}")
         self.shards, self.text_column, self.stride, self.offset = shards, text_column, stride, offset
+        self.share = share
         self.bad = bad if bad is not None else BadRecords()
         self.name = name or ", ".join(s.name for s in shards[:3]) + (" ..." if len(shards) > 3 else "")
         self.bad.source = self.bad.source or self.name
         self.index = 0
+        self.unit = 0  # the next data member's number
+        self.opened: list[str] = []
+        self.bytes_read = 0
+
+    # which records and members are this reader's
+    def takes(self, index: int) -> bool:
+        return self.share == SHARE_MEMBERS or index % self.stride == self.offset
+
+    def owns(self, unit: int) -> bool:
+        return self.share == SHARE_DOCUMENTS or unit % self.stride == self.offset
+
+    def next_unit(self) -> int:
+        unit, self.unit = self.unit, self.unit + 1
+        return unit
+
+    def counted(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        for chunk in chunks:
+            self.bytes_read += len(chunk)
+            yield chunk
 
     def __iter__(self) -> Iterator[tuple[Cursor, str]]:
         return self.iter_from(Cursor())
@@ -711,11 +800,14 @@ class DocumentStream:
         """(cursor, text) of each document from `cursor` on (that record first) to the end."""
         cursor = Cursor(*cursor)
         whole_pass = cursor == Cursor()
-        self.index = cursor.index
+        self.index, self.unit = cursor.index, cursor.unit
         documents = 0
         for s in range(cursor.shard, len(self.shards)):
-            start = cursor if s == cursor.shard else Cursor(shard=s, index=self.index)
-            for item in self.shards[s].read(self, start):
+            shard = self.shards[s]
+            start = cursor if s == cursor.shard else Cursor(shard=s, index=self.index, unit=self.unit)
+            if not shard.holds_members and not self.owns(self.next_unit()):
+                continue  # another reader's file: not even opened
+            for item in shard.read(self, start):
                 self.bad.document()
                 documents += 1
                 yield item
@@ -727,7 +819,8 @@ class DocumentStream:
         if bad.complete:  # an earlier pass said it all
             return
         bad.complete = True
-        if found_nothing and (self.stride == 1 or self.index == 0):
+        whole_source = self.stride == 1 or (self.share == SHARE_DOCUMENTS and self.index == 0)
+        if found_nothing and whole_source:
             if not bad.count:
                 raise DataSourceError(f"no documents in {self.name} (its files are empty)")
             members = f", {bad.members} damaged files/tar members" if bad.members else ""
@@ -743,8 +836,11 @@ class DocumentStream:
 
 
 def open_stream(source: str, text_column: str = "text", stride: int = 1, offset: int = 0,
-                split: str = "train", bad: BadRecords | None = None) -> DocumentStream:
-    return DocumentStream(resolve_shards(source, split), text_column, stride, offset, bad, name=source)
+                split: str = "train", bad: BadRecords | None = None, share: str = SHARE_DOCUMENTS) -> DocumentStream:
+    """`share`: how readers share the source, "documents", "members" or "auto" (choose_share)."""
+    shards = resolve_shards(source, split)
+    share = choose_share(shards, stride) if share == "auto" else share
+    return DocumentStream(shards, text_column, stride, offset, bad, name=source, share=share)
 
 
 def read_jsonl(path: str | Path, text_column: str = "text") -> Iterator[str]:
