@@ -15,9 +15,12 @@ from agdlm.parallel.deepspeed import DeepSpeedBackend, deepspeed_config
 LAUNCH = Path(__file__).resolve().parents[1] / "launch"
 
 
+GPT2_124M = ["model.n_layer=12", "model.n_head=12", "model.n_embd=768", "model.block_size=1024"]  # ZeRO-3 sizes follow it
+
+
 def cfg_for(optim: str, stage: int, extra=()):
     return load_config(None, [f"optim.name={optim}", "parallel.backend=deepspeed", f"parallel.zero_stage={stage}",
-                              "train.global_batch_size=512", "train.micro_batch_size=16", *extra])
+                              "train.global_batch_size=512", "train.micro_batch_size=16", *GPT2_124M, *extra])
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])

@@ -48,3 +48,24 @@ def test_agd_skips_deepspeeds_grad_norm_where_allowed(stage, precision, skipped)
 def test_fsdp2_reshards_gradients_by_default():
     assert load_config(None, []).parallel.fsdp_reshard_grads is True
     assert load_config(None, ["parallel.fsdp_reshard_grads=false"]).parallel.fsdp_reshard_grads is False
+
+
+def zero3_section(model: list[str], optim: str = "agd") -> dict:
+    cfg = load_config(None, [f"optim.name={optim}", "parallel.backend=deepspeed", "parallel.zero_stage=3",
+                             "train.global_batch_size=64", "train.micro_batch_size=8", *model])
+    return deepspeed_config(cfg, world_size=8, precision="bf16")["zero_optimization"]
+
+
+@pytest.mark.parametrize("optim", ["agd", "adamw"])
+def test_zero3_buckets_and_gather_limits_follow_the_model(optim):
+    """One block per bucket, two blocks gathered at most: never DeepSpeed's 5e8-element bucket
+    or 1e9-element live/reuse limits, which keep a small model whole on every rank."""
+    for n_embd, n_layer in ((1024, 8), (1600, 48)):
+        zero = zero3_section([f"model.n_embd={n_embd}", f"model.n_head={n_embd // 64}", f"model.n_layer={n_layer}",
+                              "model.bias=true"], optim)
+        block = 12 * n_embd**2 + 13 * n_embd
+        assert zero["reduce_bucket_size"] == zero["stage3_prefetch_bucket_size"] == block
+        assert zero["stage3_max_live_parameters"] == zero["stage3_max_reuse_distance"] == 2 * block
+    huge = zero3_section(["model.n_embd=8192", "model.n_head=64"], optim)  # a block past DeepSpeed's defaults
+    assert huge["reduce_bucket_size"] == 500_000_000 and huge["stage3_prefetch_bucket_size"] == 50_000_000
+    assert "reduce_bucket_size" not in ds_config(optim, 2)["zero_optimization"]

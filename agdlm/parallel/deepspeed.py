@@ -27,6 +27,33 @@ from agdlm.parallel.safe_load import CheckpointReadError, safe_deepspeed_checkpo
 
 TAG = CHECKPOINT_LAYOUT["deepspeed"]  # the engine's checkpoint lives in checkpoints/step_N/deepspeed/
 ONE_SUB_GROUP = 10**15  # ZeRO-3 sub_group_size large enough that AGD sees one sub-group
+# DeepSpeed's defaults (elements): sized for big models on big GPUs, they are the caps below.
+DS_REDUCE_BUCKET = 500_000_000
+DS_PREFETCH_BUCKET = 50_000_000
+DS_MAX_LIVE = DS_MAX_REUSE = 1_000_000_000
+
+
+def block_numel(model_cfg) -> int:
+    """Parameters of one transformer block (4 d^2 attention + 8 d^2 MLP, biases, 2 LayerNorms)."""
+    d = model_cfg.n_embd
+    return 12 * d * d + (9 * d if model_cfg.bias else 0) + 2 * d * (2 if model_cfg.bias else 1)
+
+
+def zero3_sizes(model_cfg) -> dict:
+    """ZeRO-3 buckets and gather limits in units of one transformer block, capped by
+    DeepSpeed's defaults. The defaults keep a small model whole: with max_reuse_distance and
+    max_live_parameters at 1e9 elements, every parameter gathered in the forward stays gathered
+    until it is used again in the backward (the whole model on every rank), and the 5e8-element
+    reduce bucket holds every gradient at once. Here: reduce and prefetch one block at a time,
+    keep at most two blocks' worth gathered beyond the module running. GPT-2-1.5B (d=1600): 31M
+    elements per block, 123 MB in fp32 per bucket (DeepSpeed's: 2 GB)."""
+    block = block_numel(model_cfg)
+    return {
+        "reduce_bucket_size": min(DS_REDUCE_BUCKET, block),
+        "stage3_prefetch_bucket_size": min(DS_PREFETCH_BUCKET, block),
+        "stage3_max_live_parameters": min(DS_MAX_LIVE, 2 * block),
+        "stage3_max_reuse_distance": min(DS_MAX_REUSE, 2 * block),
+    }
 
 
 def deepspeed_config(cfg, world_size: int, precision: str) -> dict:
@@ -35,7 +62,8 @@ def deepspeed_config(cfg, world_size: int, precision: str) -> dict:
     equality tests check with it on). AGD only: clipping off, fp32 gradient reduction, one
     ZeRO-3 sub-group (every layer's norm before any update), and no DeepSpeed global gradient
     norm on ZeRO 1/2 where DeepSpeed allows skipping it (not ZeRO-1's BF16_Optimizer, not
-    ZeRO-3): AGD never reads it, and it costs a host sync per step."""
+    ZeRO-3): AGD never reads it, and it costs a host sync per step. ZeRO-3, both optimisers: buckets
+    and gather limits sized to the model (zero3_sizes)."""
     agd = cfg.optim.name == "agd"
     stage = cfg.parallel.zero_stage
     zero: dict = {
@@ -44,6 +72,8 @@ def deepspeed_config(cfg, world_size: int, precision: str) -> dict:
         "contiguous_gradients": True,
         "overlap_comm": True,
     }
+    if stage == 3:
+        zero.update(zero3_sizes(cfg.model))
     if agd and stage == 3:
         zero["sub_group_size"] = ONE_SUB_GROUP
     if agd and stage in (1, 2) and not (stage == 1 and precision == "bf16"):
