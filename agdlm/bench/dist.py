@@ -13,15 +13,12 @@ takes a few minutes on 2 cores."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import sys
-import tempfile
 import time
-from pathlib import Path
 
-from agdlm.parallel.env import free_port
+from agdlm.bench.ranks import finish_rank, join_cpu_group, run_ranks
 
 BACKENDS = {
     "ddp": ["parallel.backend=ddp"],
@@ -44,22 +41,14 @@ def _state_bytes(opt) -> int:
 
 
 def _worker(rank: int, world: int, port: int, overrides: list[str], steps: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
-    import logging
-    import warnings
-
+    join_cpu_group(rank, world, port)
     import torch
     import torch.distributed as dist
 
-    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning)  # DeepSpeed's deprecated torch calls
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     from agdlm.config import load_config
     from agdlm.model import GPT
     from agdlm.parallel import build_backend
-    from agdlm.parallel.env import DistEnv, exit_without_teardown
+    from agdlm.parallel.env import DistEnv
     from agdlm.train import make_optimizer_factory
 
     cfg = load_config(None, overrides)
@@ -107,19 +96,11 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], steps: int, 
         "opt_state_bytes": _state_bytes(opt),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-    Path(f"{out}.rank{rank}").write_text(json.dumps(record))
-    dist.barrier()
-    dist.destroy_process_group()
-    exit_without_teardown(0)  # DeepSpeed workers can abort in interpreter teardown
+    finish_rank(rank, out, record)
 
 
 def run_one(overrides: list[str], world: int, steps: int) -> list[dict]:
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as tmp:
-        out = str(Path(tmp) / "r")
-        mp.spawn(_worker, args=(world, free_port(), overrides, steps, out), nprocs=world, join=True)
-        return [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(world)]
+    return run_ranks(_worker, world, overrides, steps)
 
 
 def main(argv: list[str] | None = None) -> int:

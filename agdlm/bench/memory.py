@@ -15,15 +15,13 @@ RSS is its own. The model starts the way `agdlm train` starts a fresh run
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from agdlm.parallel.env import free_port
+from agdlm.bench.ranks import finish_rank, join_cpu_group, run_ranks
 
 CASES = {  # name -> (ranks, overrides)
     "single": (1, ["parallel.backend=single"]),
@@ -45,21 +43,13 @@ def peak_rss_mib() -> float:
 
 
 def _worker(rank: int, world: int, port: int, overrides: list[str], steps: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
-    import logging
-    import warnings
-
+    join_cpu_group(rank, world, port)
     import torch
     import torch.distributed as dist
 
-    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    import deepspeed  # noqa: F401  imported by every case, so the baseline is the same
+    import deepspeed  # noqa: F401 - imported by every case, so the baseline is the same
     from agdlm.config import load_config
-    from agdlm.parallel.env import DistEnv, exit_without_teardown
+    from agdlm.parallel.env import DistEnv
     from agdlm.train import build_model_and_backend
 
     cfg = load_config(None, overrides)
@@ -86,19 +76,11 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], steps: int, 
             first_step_s = time.perf_counter() - t0
     record = {"startup_s": startup_s, "first_step_s": first_step_s, "startup_peak_mib": startup_peak,
               "peak_mib": peak_rss_mib() - baseline, "baseline_mib": baseline}
-    Path(f"{out}.rank{rank}").write_text(json.dumps(record))
-    dist.barrier()
-    dist.destroy_process_group()
-    exit_without_teardown(0)  # DeepSpeed workers can abort in interpreter teardown
+    finish_rank(rank, out, record)
 
 
 def run_case(overrides: list[str], world: int, steps: int) -> list[dict]:
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as tmp:
-        out = str(Path(tmp) / "r")
-        mp.spawn(_worker, args=(world, free_port(), overrides, steps, out), nprocs=world, join=True)
-        return [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(world)]
+    return run_ranks(_worker, world, overrides, steps)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from agdlm.config import ConfigError
 from agdlm.parallel import CHECKPOINT_LAYOUT
 from agdlm.parallel.base import Backend
 from agdlm.parallel.safe_load import CheckpointReadError, safe_deepspeed_checkpoint_engine
@@ -170,12 +169,7 @@ class DeepSpeedBackend(Backend):
         client = make_optimizer(model)
         self.ds_config = deepspeed_config(self.cfg, self.env.world_size, self.precision)
         shards = partition_zero3(params, self.ds_config, dtype, self.env.device)
-        if fresh:
-            state = sharded_init.shared_rng_state()
-            sharded_init.initialise_shards(ops, shards, state, device=self.env.device)
-        else:
-            for shard in shards:
-                shard.flat.zero_()
+        sharded_init.fill_shards(ops, shards, self.env.device)
         self._initialize(model, client)
 
     def _initialize(self, model: nn.Module, client: torch.optim.Optimizer) -> None:

@@ -89,12 +89,7 @@ class FSDP2Backend(Backend):
         self.wrap(model)
         model.to_empty(device=self.env.device)  # DTensor parameters are swapped in place: ties survive
         shards = [local_shard(p) for p in sharded_init.unique_parameters(model)]
-        if fresh:
-            state = sharded_init.shared_rng_state()
-            sharded_init.initialise_shards(ops, shards, state, device=self.env.device)
-        else:
-            for shard in shards:
-                shard.flat.zero_()
+        sharded_init.fill_shards(ops, shards, self.env.device)
         self._finish_setup(model, make_optimizer)
 
     def _finish_setup(self, model: nn.Module, make_optimizer) -> None:

@@ -269,6 +269,16 @@ def _broadcast_values(values, op: InitOp, owner: int, group, device) -> torch.Te
     return values
 
 
+def fill_shards(ops: list[InitOp] | None, shards: list[LocalShard], device) -> None:
+    """A fresh run's initial values in every local shard (ops from init_ops), or zeros when
+    a checkpoint is about to overwrite them (ops None)."""
+    if ops is None:
+        for shard in shards:
+            shard.flat.zero_()
+        return
+    initialise_shards(ops, shards, shared_rng_state(), device=device)
+
+
 def shared_rng_state(group=None) -> torch.Tensor:
     """Rank 0's CPU generator state, on every rank: the state one process builds from."""
     state = [torch.get_rng_state()]
