@@ -139,6 +139,77 @@ def bench_case(name: str, shapes: dict, device, warmup: int, repeats: int, sync_
                 log_metrics_ms=log_s * 1e3, bytes_per_param=next(m_agd.parameters()).element_size())
 
 
+SHARDED = {"single": ["parallel.backend=single"], "fsdp2": ["parallel.backend=fsdp2"],
+           "zero2": ["parallel.backend=deepspeed", "parallel.zero_stage=2"]}
+
+
+def _sharded_worker(rank: int, world: int, port: int, overrides: list[str], steps: int, out: str) -> None:
+    """The AGD step inside a real backend (its binding, its all-reduce): host time of each
+    `AGD.step` and of the `binding.reduce` calls in it, on every rank."""
+    from agdlm.bench.ranks import finish_rank, join_cpu_group
+
+    join_cpu_group(rank, world, port)
+    from agdlm.config import load_config
+    from agdlm.model import GPT
+    from agdlm.parallel import build_backend
+    from agdlm.parallel.env import DistEnv
+    from agdlm.train import make_optimizer_factory
+
+    cfg = load_config(None, overrides)
+    env = DistEnv(rank=rank, local_rank=rank, world_size=world, device=torch.device("cpu"))
+    torch.manual_seed(0)
+    backend = build_backend(cfg, env)
+    backend.setup(GPT(cfg.model), make_optimizer_factory(cfg, "cpu"))
+    opt = backend.optimizer
+    step_s, reduce_s = [], []
+    inner_step, inner_reduce = opt.step, opt.binding.reduce
+
+    def timed_reduce(vec):
+        t0 = time.perf_counter()
+        out_vec = inner_reduce(vec)
+        reduce_s[-1] += time.perf_counter() - t0
+        return out_vec
+
+    def timed_step(*args, **kwargs):
+        reduce_s.append(0.0)
+        t0 = time.perf_counter()
+        result = inner_step(*args, **kwargs)
+        step_s.append(time.perf_counter() - t0)
+        return result
+
+    opt.binding.reduce, opt.step = timed_reduce, timed_step
+    gen = torch.Generator().manual_seed(rank)
+    T, V = cfg.model.block_size, cfg.model.vocab_size
+    for _ in range(steps + 2):
+        data = torch.randint(0, V, (cfg.train.micro_batch_size, T + 1), generator=gen)
+        backend.forward_backward(data[:, :-1].contiguous(), data[:, 1:].contiguous(), 1, True)
+        backend.optimizer_step(0.0)
+    keep = slice(2, None)  # the first steps build caches
+    finish_rank(rank, out, {"step_ms": statistics.median(step_s[keep]) * 1e3,
+                            "reduce_ms": statistics.median(reduce_s[keep]) * 1e3})
+
+
+def bench_sharded(steps: int) -> None:
+    """AGD's step through the FSDP2 and ZeRO-2 bindings on 2 gloo ranks against the local
+    binding on 1 process, at the 48x64 tensor count (the host-bound case)."""
+    from agdlm.bench.ranks import run_ranks
+
+    shapes = ["model.n_layer=48", "model.n_head=1", "model.n_embd=64", "model.block_size=16", "model.bias=false",
+              "model.vocab_size=50304", "optim.name=agd", "train.device=cpu", "train.precision=fp32",
+              "train.micro_batch_size=1"]
+    print(f"\nAGD step inside a backend, 48x64 (291 tensors), host ms per step (median of {steps}; every rank):")
+    print(f"{'binding':<8} {'ranks':>5} {'step ms':>8} {'all-reduce ms':>13} {'step - reduce':>13} {'vs local':>8}")
+    local = None
+    for name, overrides in SHARDED.items():
+        world = 1 if name == "single" else 2
+        records = run_ranks(_sharded_worker, world, [*shapes, *overrides, f"train.global_batch_size={world}"], steps)
+        step_ms = max(r["step_ms"] for r in records)
+        reduce_ms = max(r["reduce_ms"] for r in records)
+        net = step_ms - reduce_ms
+        local = net if local is None else local
+        print(f"{name:<8} {world:>5} {step_ms:>8.2f} {reduce_ms:>13.2f} {net:>13.2f} {net / local:>8.2f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="agdlm bench optim", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -149,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sync-check", action="store_true",
                     help="CUDA: run one AGD step under torch.cuda.set_sync_debug_mode('error') first (raises on any host sync)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    ap.add_argument("--sharded", action="store_true",
+                    help="also time the AGD step through the FSDP2 and ZeRO-2 bindings on 2 gloo CPU ranks")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -172,4 +245,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{'':<11} CUDA kernels per step: AGD {r['kernels'][0]}, AdamW {r['kernels'][1]}"
                   + ("; no host sync in the AGD step" if args.sync_check else ""))
     print("AdamW: torch.optim.AdamW (fused where available). ratio = AGD / AdamW step time.")
+    if args.sharded:
+        bench_sharded(max(args.repeats, 5))
     return 0
