@@ -375,12 +375,18 @@ def plot_val_loss(runs: list[RunLog], path: Path) -> bool:
     optimisers = sorted({r.optimiser for r in plotted}, key=lambda o: (o != "agd", o))
     colours = width_colours(plotted)
     lrs = sorted({r.lr for r in plotted if r.lr is not None})
+    agd_labels = sorted({r.agd_label for r in plotted if r.agd_label is not None}, key=lambda lab: (lab != "default", lab))
     fig, axes = plt.subplots(1, len(optimisers), figsize=(5.2 * len(optimisers), 4.2), sharey=True, squeeze=False)
     for ax, opt in zip(axes[0], optimisers):
         for r in (r for r in plotted if r.optimiser == opt):
             ev = r.evals()
-            style = LINESTYLES[lrs.index(r.lr) % len(LINESTYLES)] if r.lr is not None else "-"
-            label = size_label(r, plotted) + (f", lr {short_number(r.lr)}" if r.lr is not None else "") + (
+            if r.lr is not None:  # AdamW: one line style per learning rate, AGD: one per setting
+                style = LINESTYLES[lrs.index(r.lr) % len(LINESTYLES)]
+            else:
+                style = LINESTYLES[agd_labels.index(r.agd_label) % len(LINESTYLES)] if r.agd_label else "-"
+            setting = f", lr {short_number(r.lr)}" if r.lr is not None else (
+                f", {r.agd_label}" if len(agd_labels) > 1 else "")
+            label = size_label(r, plotted) + setting + (
                 f", seed {r.seed}" if len({x.seed for x in plotted}) > 1 else "")
             ax.plot([e["tokens"] for e in ev], [e["val_loss"] for e in ev], color=colours[size_label(r, plotted)],
                     linestyle=style, linewidth=1.4, marker="." if len(ev) < 30 else None, label=label)
