@@ -15,7 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("agdlm.report", "compare runs: plots and a markdown table from their logs"),
     "export": ("agdlm.export", "write a single-file model from any backend's checkpoint"),
     "eval": ("agdlm.evaluate", "val loss/perplexity on any data source; HellaSwag-format multiple choice"),
-    "bench": ("agdlm.bench.cli", "benchmarks that print figures: optim, data, dist"),
+    "bench": ("agdlm.bench.cli", "benchmarks that print figures: optim, data, dist, memory"),
 }
 
 
