@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 
 # The bindings read private internals; these are the versions they were tested with.
-TESTED = {"torch": "2.6 - 2.13", "deepspeed": "0.15 - 0.19"}
+TESTED = {"torch": "2.13.0", "deepspeed": "0.19.8"}
 
 
 class BindingInternalsMissing(RuntimeError):
