@@ -389,11 +389,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.eps={o.eps} must be positive")
     if o.lr_decay_steps is not None and o.lr_decay_steps <= 0:
         raise ConfigError(f"optim.lr_decay_steps={o.lr_decay_steps} must be positive (or null: train.max_steps)")
-    if o.name == "agd" and o.variant in ("momentum", "spectral_momentum") and cfg.parallel.backend in ("fsdp2", "deepspeed"):
-        raise ConfigError(
-            f"optim.variant={o.variant} keeps momentum buffers per whole parameter; parallel.backend="
-            f"{cfg.parallel.backend} shards them (sharded AGD state is not built): use single or ddp, or optim.variant=spectral"
-        )
     if o.name == "agd" and t.precision == "fp16" and cfg.parallel.backend == "deepspeed":
         raise ConfigError("train.precision=fp16 with optim.name=agd on parallel.backend=deepspeed: DeepSpeed's fp16 "
                           "optimiser accumulates and reduces gradients in fp16, and AGD's norms need fp32; use bf16 or fp32")

@@ -24,9 +24,9 @@ One step has three stages so a sharding backend never touches the math:
 
 Binding contract
 ----------------
-A binding is any object with two methods:
+A binding is any object with three methods:
 
-``pieces(index) -> iterable of (start, weight, grad)``
+``pieces(index, grads=None) -> iterable of (start, weight, grad)``
     for the logical parameter ``opt.params[index]`` (the order the optimiser was built
     with; shapes ALWAYS come from the logical tensors captured at construction, see
     ``opt.shapes``): zero or more pieces this process holds. ``start`` is the flat offset
@@ -40,6 +40,11 @@ A binding is any object with two methods:
 ``reduce(vec) -> vec``
     sum ``vec`` over the group that shards the parameters (may work in place and return
     its argument). The identity for a single process.
+``grad_storages() -> list of (key, grad)``
+    the local tensors that hold this process's gradients (one per parameter, or one flat
+    partition), each with the tensor that keys its optimiser state (the momentum variants
+    keep a buffer of the same shape there, so the backend checkpoints it). ``pieces(index,
+    grads)`` takes views of ``grads[i]`` (same shapes) where it would view the i-th storage.
 
 The piece layout may change between steps (it is re-read each step and the index plan is
 rebuilt when it changes). `LocalBinding` (whole local tensors + identity reduce) is the
@@ -56,7 +61,7 @@ import math
 import torch
 
 from agdlm.optim.rules import build_plan
-from agdlm.optim.variants import AveragedGradBinding, MomentumGrads, check_variant, orthogonalise, uses_momentum, uses_spectral
+from agdlm.optim.variants import MomentumGrads, check_variant, orthogonalise, uses_momentum, uses_spectral
 
 
 # ---- bindings ----------------------------------------------------------------------------
@@ -67,9 +72,14 @@ class LocalBinding:
     def __init__(self, params: list[torch.Tensor]):
         self.params = params
 
-    def pieces(self, index: int):
+    def grad_storages(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(state key, gradient) per tensor that holds gradients: what momentum mirrors."""
+        return [(p, p.grad) for p in self.params]
+
+    def pieces(self, index: int, grads: list | None = None):
+        """grads: replacements for grad_storages()' gradients (same shapes), e.g. averages."""
         p = self.params[index]
-        g = p.grad
+        g = p.grad if grads is None else grads[index]
         return [(0, p.detach().view(-1), None if g is None else g.detach().view(-1))]
 
     def reduce(self, vec: torch.Tensor) -> torch.Tensor:
@@ -212,11 +222,8 @@ class AGD(torch.optim.Optimizer):
     # ---- bindings -----------------------------------------------------------------------
     def bind(self, binding) -> None:
         """Swap the binding (after a backend has wrapped or sharded the model)."""
-        if uses_momentum(self.variant) and not isinstance(binding, LocalBinding):
-            raise ValueError(
-                f"optim.variant={self.variant} keeps momentum buffers per logical parameter; {type(binding).__name__} "
-                "shards the parameters (sharded optimiser state for AGD is not built): use parallel.backend=single "
-                "or ddp, or optim.variant=spectral")
+        if self._momentum is not None:  # buffers exist before any checkpoint template is taken
+            self._momentum.ensure_state([key for key, _ in binding.grad_storages()])
         self.binding = binding
         self._plan_cache = None
 
@@ -236,12 +243,13 @@ class AGD(torch.optim.Optimizer):
             self._layout, self._layout_key = layout, key
         return self._layout
 
-    def _gather_pieces(self, binding=None):
+    def _gather_pieces(self, grads: list | None = None):
         """[(segment index, weight view, grad view or None, absolute flat start)] for every
-        overlap of a held piece with a part."""
-        binding = binding or self.binding
-        if isinstance(binding, (LocalBinding, AveragedGradBinding)):
-            grads = binding.grads if isinstance(binding, AveragedGradBinding) else [p.grad for p in self.params]
+        overlap of a held piece with a part. grads: replacements for the binding's gradient
+        storages (the momentum averages)."""
+        binding = self.binding
+        if isinstance(binding, LocalBinding):
+            grads = [p.grad for p in self.params] if grads is None else grads
             out = []
             for si, pi, w, start, stop in self._local_layout():
                 g = grads[pi]
@@ -254,7 +262,7 @@ class AGD(torch.optim.Optimizer):
             segs = self.by_param[i]
             if not segs:
                 continue
-            for start, w, g in binding.pieces(i):
+            for start, w, g in binding.pieces(i, grads):
                 n = w.numel()
                 if n == 0:
                     continue
@@ -446,10 +454,10 @@ class AGD(torch.optim.Optimizer):
                 loss = closure()
         device = self.params[0].device
         gain = self.param_groups[0]["gain"]
-        binding = self.binding
+        averages = None
         if self._momentum is not None:  # variant: the step sees the averaged gradient
-            binding = AveragedGradBinding(self.params, self._momentum.average())
-        pieces = self._gather_pieces(binding)  # (a) local partial sums
+            averages = self._momentum.average(self.binding.grad_storages())
+        pieces = self._gather_pieces(averages)  # (a) local partial sums
         if self._w0_sq is None and self._w0_local is None:  # reduced at the first log_metrics (a collective)
             self._w0_local = self._weight_norms_sq(pieces, device, reduce=False)
         vec = self._local_sums(pieces, device)
@@ -460,7 +468,7 @@ class AGD(torch.optim.Optimizer):
         if directions:
             d["direction_sq"] = self._direction_sq
         if self._momentum is not None:
-            self._momentum.commit(d["finite"])
+            self._momentum.commit(d["finite"] & (d["G"] > 0))
         skipped = (~d["finite"]).long()
         self.consecutive_skips.add_(1).mul_(skipped)  # +1 on a skip, 0 after a good step
         self.skipped_steps.add_(skipped)
@@ -647,8 +655,9 @@ class AGD(torch.optim.Optimizer):
     # ---- state --------------------------------------------------------------------------
     def state_dict(self) -> dict:
         sd = super().state_dict()
-        if self._w0_sq is not None:  # for agd_weight_ratio across a resume (a host copy at save time)
-            sd["param_groups"][0]["initial_weight_norms_sq"] = self._w0_sq.tolist()
+        # for agd_weight_ratio across a resume (a host copy at save time); the key is always
+        # there, so a DCP template made before the first step (FSDP2) loads the saved value
+        sd["param_groups"][0]["initial_weight_norms_sq"] = None if self._w0_sq is None else self._w0_sq.tolist()
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:

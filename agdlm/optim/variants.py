@@ -16,9 +16,12 @@ Both keep sum_l <g_l, dW_l> = -gain * eta * G exactly (with g the averaged gradi
 momentum). `spectral` needs each matrix whole: on a sharded binding (FSDP2, DeepSpeed ZeRO)
 the matrices are assembled by one all-reduce of all matrix gradients per step (every rank
 writes only what it holds), which costs the traffic and the memory of a full gradient; each
-rank then updates its own pieces. The momentum variants keep buffers per logical parameter
-(optimiser state) and run with the local binding only (single process, DDP); on sharded
-bindings they are refused (sharded AGD state is not built).
+rank then updates its own pieces. The momentum buffers mirror the binding's gradient
+storage (`grad_storages()`): one per parameter on the local binding, this rank's shard as a
+DTensor of the parameter's placement on FSDP2 (checkpointed through DCP), one buffer the size
+of the fp32 flat partition on DeepSpeed ZeRO 1/2/3 (checkpointed by the engine with the
+optimiser's state): elementwise, so every rank averages exactly its own gradient elements and
+no collective is added.
 """
 
 from __future__ import annotations
@@ -59,48 +62,51 @@ def orthogonalise(m: torch.Tensor) -> torch.Tensor:
     return x.T if tall else x
 
 
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """This rank's elements of a DTensor (the tensor itself otherwise)."""
+    return t._local_tensor if hasattr(t, "_local_tensor") else t
+
+
 class MomentumGrads:
-    """Bias-corrected EMA of each parameter's gradient, kept in the optimiser's `state`
-    (so it is checkpointed with the optimiser). `average()` gives this step's averages;
-    `commit(finite)` keeps them only if the step was taken, so one non-finite gradient
-    never poisons the buffers (no host sync: a `torch.where`)."""
+    """Bias-corrected EMA of the gradient, one buffer per gradient storage of the binding,
+    kept in the optimiser's `state` under the storage's key (so each backend checkpoints it
+    with the optimiser). `average(storages)` gives this step's averages (written over the
+    gradients in place: they are not read after the step); `commit(take)` keeps them only if
+    the step was taken, so one non-finite gradient never poisons the buffers (no host sync:
+    a `torch.where`). A step whose gradients are all zero (G = 0: DeepSpeed's and DCP's
+    state-initialising steps) is not counted either."""
 
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer  # its `state` is replaced by load_state_dict: look it up each step
         self._pending: list[tuple[dict, torch.Tensor]] = []
 
-    def average(self) -> list[torch.Tensor | None]:
+    def ensure_state(self, keys: list[torch.Tensor]) -> None:
+        """Create the buffers up front (zeros like the key: a DTensor key gives a DTensor of its
+        placement), so a checkpoint template sees them before the first step."""
+        for key in keys:
+            st = self.optimizer.state[key]
+            if "momentum" not in st:
+                st["momentum"] = torch.zeros_like(key.detach(), memory_format=torch.contiguous_format)
+                st["momentum_steps"] = torch.zeros((), dtype=torch.float64, device=local_part(key).device)
+
+    def average(self, storages: list[tuple[torch.Tensor, torch.Tensor | None]]) -> list[torch.Tensor | None]:
+        self.ensure_state([key for key, g in storages if g is not None])
         out, self._pending = [], []
-        for p in self.optimizer.params:
-            if p.grad is None:
+        for key, g in storages:
+            if g is None:
                 out.append(None)
                 continue
-            st = self.optimizer.state[p]
-            if "momentum" not in st:
-                st["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["momentum_steps"] = torch.zeros((), dtype=torch.float64, device=p.device)
-            new = st["momentum"].lerp(p.grad, 1 - MOMENTUM_BETA)
-            correction = 1 - MOMENTUM_BETA ** (st["momentum_steps"].double() + 1)
-            self._pending.append((st, new))
-            out.append(new / correction.to(p.dtype))
+            st = self.optimizer.state[key]
+            m = local_part(st["momentum"]).view_as(g)
+            g.lerp_(m, MOMENTUM_BETA)  # g <- beta m + (1 - beta) g: the new average
+            correction = 1 - MOMENTUM_BETA ** (st["momentum_steps"].double() + 1)  # load_state_dict casts it to the param dtype
+            self._pending.append((st, g))
+            out.append(g / correction.to(g.dtype))
         return out
 
-    def commit(self, finite: torch.Tensor) -> None:
+    def commit(self, take: torch.Tensor) -> None:
         for st, new in self._pending:
-            st["momentum"].copy_(torch.where(finite, new, st["momentum"]))
-            st["momentum_steps"].add_(finite.to(st["momentum_steps"].dtype))
+            m = local_part(st["momentum"])
+            m.copy_(torch.where(take, new.view_as(m), m))
+            st["momentum_steps"].add_(take.to(st["momentum_steps"].dtype))
         self._pending = []
-
-
-class AveragedGradBinding:
-    """The local binding with each gradient replaced by a given tensor (its average)."""
-
-    def __init__(self, params: list[torch.Tensor], grads: list[torch.Tensor | None]):
-        self.params, self.grads = params, grads
-
-    def pieces(self, index: int):
-        g = self.grads[index]
-        return [(0, self.params[index].detach().view(-1), None if g is None else g.view(-1))]
-
-    def reduce(self, vec: torch.Tensor) -> torch.Tensor:
-        return vec

@@ -66,15 +66,18 @@ class FSDP2Binding:
         # call (~30 ms per step at 1.5B's tensor count); revalidated by data pointer.
         self._weights: dict[int, tuple[int, torch.Tensor]] = {}
 
-    def pieces(self, index: int):
+    def grad_storages(self):
+        return [(p, None if p.grad is None else p.grad._local_tensor) for p in self.params]
+
+    def pieces(self, index: int, grads: list | None = None):
         p = self.params[index]
         local = p._local_tensor  # the shard DTensor holds; to_local() without the autograd hop
         cached = self._weights.get(index)
         if cached is None or cached[0] != local.data_ptr():
             cached = (local.data_ptr(), local.detach().view(-1))
             self._weights[index] = cached
-        g = None if p.grad is None else p.grad._local_tensor.view(-1)
-        return [(self.starts[index], cached[1], g)]
+        g = (None if p.grad is None else p.grad._local_tensor) if grads is None else grads[index]
+        return [(self.starts[index], cached[1], None if g is None else g.view(-1))]
 
     def reduce(self, vec: torch.Tensor) -> torch.Tensor:
         return _all_reduce_sum(vec, self.group)
@@ -104,7 +107,10 @@ class DeepSpeedZeroBinding:
 
         self._fragments: dict[int, tuple | None] = {}  # index -> (lp start, hp start, numel, weight view)
 
-    def pieces(self, index: int):
+    def grad_storages(self):
+        return [(self.flat, self.flat.grad)]
+
+    def pieces(self, index: int, grads: list | None = None):
         if getattr(self, "_flat_ptr", None) != self.flat.data_ptr():  # the partition moved: re-read
             self._fragments, self._flat_ptr = {}, self.flat.data_ptr()
         frag = self._fragments.get(index, ())
@@ -119,8 +125,8 @@ class DeepSpeedZeroBinding:
         if frag is None:
             return []
         lp_start, hp_start, numel, w = frag
-        g = None if self.flat.grad is None else self.flat.grad.narrow(0, hp_start, numel)
-        return [(lp_start, w, g)]
+        grad = self.flat.grad if grads is None else grads[0]
+        return [(lp_start, w, None if grad is None else grad.narrow(0, hp_start, numel))]
 
     def reduce(self, vec: torch.Tensor) -> torch.Tensor:
         return _all_reduce_sum(vec, self.group)
@@ -143,7 +149,10 @@ class DeepSpeedZero3Binding:
         self.group = zero_optimizer._get_sub_group_process_group(0) if hasattr(zero_optimizer, "_get_sub_group_process_group") else zero_optimizer.dp_process_group
         self.rank = dist.get_rank(self.group)
 
-    def pieces(self, index: int):
+    def grad_storages(self):
+        return [(flat, flat.grad) for flat in self.flats]
+
+    def pieces(self, index: int, grads: list | None = None):
         p = self.params[index]
         sg, offset, _ = self.z.grad_position[self.z.get_param_id(p)]
         chunk = p.partition_numel()
@@ -151,8 +160,8 @@ class DeepSpeedZero3Binding:
         numel = max(0, min(chunk, p.ds_numel - start))
         flat = self.flats[sg]
         w = flat.detach().narrow(0, offset, numel)
-        g = None if flat.grad is None else flat.grad.narrow(0, offset, numel)
-        return [(start, w, g)]
+        grad = flat.grad if grads is None else grads[sg]
+        return [(start, w, None if grad is None else grad.narrow(0, offset, numel))]
 
     def reduce(self, vec: torch.Tensor) -> torch.Tensor:
         return _all_reduce_sum(vec, self.group)

@@ -126,7 +126,11 @@ class FSDP2Backend(Backend):
 
     # ---- checkpoints ---------------------------------------------------------------------
     def _uses_dcp_optimizer(self) -> bool:
-        return self.cfg.optim.name != "agd"  # AGD has no per-parameter state
+        """AdamW's state, and AGD's momentum buffers (DTensors of the parameters' placement),
+        are sharded: DCP. The faithful AGD has no per-parameter state: one optimizer.pt."""
+        from agdlm.optim.variants import uses_momentum
+
+        return self.cfg.optim.name != "agd" or uses_momentum(self.cfg.optim.variant)
 
     def save(self, folder: Path) -> None:
         state = {"model": get_model_state_dict(self.raw_model)}
