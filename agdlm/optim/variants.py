@@ -98,7 +98,7 @@ class MomentumGrads:
                 continue
             st = self.optimizer.state[key]
             m = local_part(st["momentum"]).view_as(g)
-            g.lerp_(m, MOMENTUM_BETA)  # g <- beta m + (1 - beta) g: the new average
+            torch.lerp(m, g, 1 - MOMENTUM_BETA, out=g)  # the new average, over the gradient (m's lerp, bit for bit)
             correction = 1 - MOMENTUM_BETA ** (st["momentum_steps"].double() + 1)  # load_state_dict casts it to the param dtype
             self._pending.append((st, g))
             out.append(g / correction.to(g.dtype))
