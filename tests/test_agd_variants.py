@@ -274,3 +274,17 @@ def test_agd_fp16_on_deepspeed_is_refused_before_any_engine():
     with pytest.raises(ConfigError, match="train.precision=fp16 with optim.name=agd on parallel.backend=deepspeed"):
         load_config(None, ["train.precision=fp16", "parallel.backend=deepspeed"])
     load_config(None, ["train.precision=fp16", "parallel.backend=deepspeed", "optim.name=adamw"])
+
+
+def test_agd_auto_precision_resolving_to_fp16_on_deepspeed_is_refused_before_any_engine():
+    # precision=auto picks fp16 on a GPU without bf16: known when the backend is made, before
+    # deepspeed.initialize (DeepSpeedBackend.__init__ calls this with the resolved precision)
+    from agdlm.config import ConfigError, load_config
+    from agdlm.parallel.deepspeed import check_agd_precision
+
+    cfg = load_config(None, ["parallel.backend=deepspeed"])
+    with pytest.raises(ConfigError, match="train.precision=auto resolves to fp16 on this GPU"):
+        check_agd_precision(cfg, "fp16")
+    for precision in ("bf16", "fp32"):
+        check_agd_precision(cfg, precision)
+    check_agd_precision(load_config(None, ["parallel.backend=deepspeed", "optim.name=adamw"]), "fp16")

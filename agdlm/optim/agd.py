@@ -24,7 +24,8 @@ One step has three stages so a sharding backend never touches the math:
 
 Binding contract
 ----------------
-A binding is any object with three methods:
+A binding is any object with these methods (``grad_storages`` and the ``grads`` argument are
+needed only by the momentum variants):
 
 ``pieces(index, grads=None) -> iterable of (start, weight, grad)``
     for the logical parameter ``opt.params[index]`` (the order the optimiser was built
@@ -257,22 +258,31 @@ class AGD(torch.optim.Optimizer):
                     g = g.view(-1)[start:stop]
                 out.append((si, w, g, start))
             return out
+        # Which parts a piece overlaps depends only on (parameter, start, length): computed once
+        # per piece geometry; a part covering the whole piece takes the piece's own views.
+        cuts_of = self.__dict__.setdefault("_piece_cuts", {})
         out = []
         for i in range(len(self.params)):
             segs = self.by_param[i]
             if not segs:
                 continue
-            for start, w, g in binding.pieces(i, grads):
+            for start, w, g in (binding.pieces(i) if grads is None else binding.pieces(i, grads)):
                 n = w.numel()
                 if n == 0:
                     continue
-                for si in segs:
-                    seg = self.segments[si]
-                    lo, hi = max(seg["start"], start), min(seg["stop"], start + n)
-                    if lo >= hi:
-                        continue
-                    gs = None if g is None else g[lo - start : hi - start]
-                    out.append((si, w[lo - start : hi - start], gs, lo))
+                cuts = cuts_of.get((i, start, n))
+                if cuts is None:
+                    cuts = []
+                    for si in segs:
+                        lo, hi = max(self.segments[si]["start"], start), min(self.segments[si]["stop"], start + n)
+                        if lo < hi:
+                            cuts.append((si, lo - start, hi - start, lo, hi - lo == n))
+                    cuts_of[(i, start, n)] = cuts
+                for si, a, b, lo, whole in cuts:
+                    if whole:
+                        out.append((si, w, g, lo))
+                    else:
+                        out.append((si, w[a:b], None if g is None else g[a:b], lo))
         return out
 
     # ---- stage (a) ----------------------------------------------------------------------
@@ -409,12 +419,15 @@ class AGD(torch.optim.Optimizer):
         comp_scale = d["comp_scale"].unbind(0)
         sign_scale = d["sign_scale"].unbind(0)
         row_scale, row_offset = d["row_scale"], self._row_scale_offsets()
-        live = [g for k, (_, _, g, _) in enumerate(pieces) if g is not None and k not in flat_pieces]
         # A non-finite gradient times a zero (skipped) scale would still be NaN: zero it. The
         # identity whenever G is finite (then every gradient is); the gradient is not used after
-        # the step. It costs one more read and write of each gradient (no fused kernel does it).
-        for g in live:
-            g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        # the step. On an accelerator that costs one more read and write of each gradient every
+        # step (knowing whether the step is skipped would be a host sync); on the CPU reading the
+        # flag is free, so the pass runs only on a skipped step.
+        if d["finite"].device.type != "cpu" or not bool(d["finite"]):
+            for k, (_, _, g, _) in enumerate(pieces):
+                if g is not None and k not in flat_pieces:
+                    g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
         sign_pieces = [k for k, (si, _, g, _) in enumerate(pieces)
                        if g is not None and k not in flat_pieces and self.segments[si]["norm"] == "sign"]
         signs = dict(zip(sign_pieces, torch._foreach_sign([pieces[k][2] for k in sign_pieces]))) if sign_pieces else {}

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from agdlm.config import ConfigError
 from agdlm.parallel import CHECKPOINT_LAYOUT
 from agdlm.parallel.base import Backend
 from agdlm.parallel.safe_load import CheckpointReadError, safe_deepspeed_checkpoint_engine
@@ -138,11 +139,22 @@ def partition_zero3(params: list[nn.Parameter], ds_config: dict, dtype: torch.dt
     return shards
 
 
+def check_agd_precision(cfg, precision: str) -> None:
+    """AGD's norms need fp32 gradients; DeepSpeed's fp16 optimiser accumulates and reduces
+    them in fp16. The config check catches train.precision=fp16; this catches `auto`
+    resolving to fp16 (a GPU without bf16), before any engine is built."""
+    if cfg.optim.name == "agd" and precision == "fp16":
+        raise ConfigError(
+            f"train.precision={cfg.train.precision} resolves to fp16 on this GPU (no bf16), and DeepSpeed's fp16 "
+            "optimiser reduces gradients in fp16, which AGD's norms cannot use: set train.precision=fp32")
+
+
 class DeepSpeedBackend(Backend):
     name = "deepspeed"
 
     def __init__(self, cfg, env):
         super().__init__(cfg, env)
+        check_agd_precision(cfg, self.precision)
         self.scaler = torch.amp.GradScaler("cuda", enabled=False)  # DeepSpeed scales fp16 itself
         self.engine = None
 
