@@ -401,3 +401,17 @@ def test_float64_end_to_end():
         eta = opt.step()
         assert eta.dtype == torch.float64
     assert all(p.dtype == torch.float64 and torch.isfinite(p).all() for p in m.parameters())
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (192, 64), (64, 256), (3, 500), (301, 17), (4, 6, 5)])
+def test_lean_orthogonal_init_is_torch_orthogonal_bit_for_bit(shape):
+    # AGD's init (and the sharded init's replay) use orthogonal_fp64 to halve the QR's peak
+    # memory; it must draw and return exactly what nn.init.orthogonal_ does
+    from agdlm.optim.agd import orthogonal_fp64
+
+    g_ref, g_new = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    ref = torch.empty(shape, dtype=torch.float64)
+    torch.nn.init.orthogonal_(ref, generator=g_ref)
+    q = orthogonal_fp64(shape, g_new)
+    assert torch.equal(q.reshape(shape), ref)
+    assert torch.equal(g_new.get_state(), g_ref.get_state())

@@ -568,9 +568,8 @@ class AGD(torch.optim.Optimizer):
                     continue
                 region = param.detach().view(-1)[p.start : p.stop].view(p.shape)
                 if p.init == "orthogonal":
-                    q = torch.empty(p.shape, dtype=torch.float64)
-                    torch.nn.init.orthogonal_(q, generator=generator)
-                    region.copy_(q * p.init_scale)
+                    q = orthogonal_fp64(p.shape, generator)
+                    region.view(q.shape).copy_(q.mul_(p.init_scale))
                 elif p.init == "rows":
                     x = torch.randn(p.shape, dtype=torch.float64, generator=generator)
                     x *= p.init_scale / x.norm(dim=1, keepdim=True)
@@ -732,6 +731,24 @@ def _row_chunks(n: int, off: int, d: int) -> list[tuple[int, int, int, int]]:
     if pos < n:
         out.append(((off + pos) // d, pos, 1, n - pos))
     return out
+
+
+def orthogonal_fp64(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
+    """torch.nn.init.orthogonal_ on an fp64 tensor of `shape`, bit for bit (same draw, same
+    LAPACK geqrf + orgqr that linalg.qr runs), as a (rows, numel/rows) matrix, with two fp64
+    copies of the matrix alive at once instead of four (the input, linalg.qr's working copy
+    and Q, the output tensor): the embedding's init dominates a rank's start-up peak."""
+    rows = shape[0]
+    cols = math.prod(shape) // rows
+    x = torch.empty((rows, cols), dtype=torch.float64).normal_(0, 1, generator=generator)
+    if rows < cols:
+        x = x.t()
+    a, tau = torch.geqrf(x)
+    del x
+    q = torch.linalg.householder_product(a, tau)
+    q *= torch.diagonal(a).sign()  # R's diagonal: Q made uniform, as orthogonal_ does
+    del a
+    return q.t() if rows < cols else q
 
 
 def format_layer_table(opt: AGD) -> str:

@@ -126,6 +126,12 @@ def partition_zero3(params: list[nn.Parameter], ds_config: dict, dtype: torch.dt
 
     deepspeed.init_distributed(dist_init_required=False)  # joins our group; the config reads its world size
     zero_init = deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype)
+    if zero_init.mem_efficient_linear:
+        # What deepspeed.zero.Init does when entered, and the engine when it partitions a built
+        # model: F.linear saves the partitioned parameter, not a view of its gathered data, for
+        # the backward. Without it every gathered weight stays alive until its backward (the
+        # whole model per rank by the end of the forward).
+        zero_init._enable_mem_efficient_linear()
     shards = []
     for p in params:
         p.data = torch.empty(p.shape, dtype=dtype, device=device)
@@ -182,6 +188,7 @@ class DeepSpeedBackend(Backend):
         self.ds_config = deepspeed_config(self.cfg, self.env.world_size, self.precision)
         shards = partition_zero3(params, self.ds_config, dtype, self.env.device)
         sharded_init.fill_shards(ops, shards, self.env.device)
+        del shards, ops  # views of the first partitions: the engine moves them into its flat buffer
         self._initialize(model, client)
 
     def _initialize(self, model: nn.Module, client: torch.optim.Optimizer) -> None:

@@ -13,7 +13,7 @@ then broadcast from its owner one op at a time; each rank copies the part of it 
 in its shard. Fills (zeros/ones) are written locally.
 
 Peak host memory per rank beyond its shards: the largest single draw (the embedding, fp32;
-an orthogonal matrix in fp64 plus its QR, about 3x its fp64 size) plus the final values this
+an orthogonal matrix in fp64 plus its QR, 2x its fp64 size) plus the final values this
 rank owns until they are broadcast (about 1/N of the model in fp32). Start-up: every rank
 draws the whole stream (cheap next to the QRs), the QRs are split N ways, and the model is
 broadcast once (as FSDP2's rank-0 broadcast did before)."""
@@ -193,13 +193,13 @@ def draw(op: InitOp, generator: torch.Generator, compute: bool) -> torch.Tensor 
 
 
 def _orthogonal(op: InitOp, generator: torch.Generator, compute: bool) -> torch.Tensor | None:
-    q = torch.empty(op.shape, dtype=torch.float64)
+    from agdlm.optim.agd import orthogonal_fp64
+
+    n = math.prod(op.shape)
     if compute:
-        nn.init.orthogonal_(q, generator=generator)
-        return (q * op.args[0]).to(torch.get_default_dtype()).view(-1)
-    if q.numel():  # orthogonal_ draws one (rows, cols) normal block; the QR draws nothing
-        rows = q.shape[0]
-        q.new_empty((rows, q.numel() // rows)).normal_(0, 1, generator=generator)
+        return orthogonal_fp64(op.shape, generator).mul_(op.args[0]).to(torch.get_default_dtype()).reshape(-1)
+    if n:  # orthogonal_ draws one (rows, cols) normal block; the QR draws nothing
+        torch.empty((op.shape[0], n // op.shape[0]), dtype=torch.float64).normal_(0, 1, generator=generator)
     return None
 
 
