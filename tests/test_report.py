@@ -262,6 +262,33 @@ def test_ratio_table_against_an_independent_computation(study, tmp_path):
     assert "## AGD against the best-tuned AdamW" in md and result["ratio_table"] in md
 
 
+def test_grid_summary_against_an_independent_computation(study, tmp_path):
+    # the study's decision rule: per AGD setting, mean/worst over (cell, seed) ratios, cells
+    # within 5% of AdamW in every seed, cells where every seed beats the faithful default's
+    root, finals = study
+    result = build_report([root], tmp_path / "rep")
+    expected = expected_ratios(finals)
+    rows = {r["AGD"]: r for r in table_cells(result["ratio_summary"])}
+    assert set(rows) == set(AGD_PENALTY)
+    for label in AGD_PENALTY:
+        cells = {cell: labels[label] for cell, labels in expected.items() if label in labels}
+        values = [x for per_seed in cells.values() for x in per_seed.values()]
+        row = rows[label]
+        assert row["cells"] == str(len(cells))
+        assert row["mean ratio"] == f"{sum(values) / len(values):.3f}"
+        assert row["worst ratio"] == f"{max(values):.3f}"
+        within = sum(all(x <= 1.05 for x in per_seed.values()) for per_seed in cells.values())
+        assert row["within 5% of AdamW"] == f"{within}/{len(cells)}"
+        if label == "default":
+            assert row["beats default"] == "-"
+        else:
+            compared = [cell for cell in cells if "default" in expected[cell]]
+            beats = sum(all(cells[cell][s] < expected[cell]["default"][s] for s in cells[cell]
+                            if s in expected[cell]["default"]) for cell in compared)
+            assert row["beats default"] == f"{beats}/{len(compared)}"
+    assert result["ratio_summary"] in result["report"].read_text()
+
+
 def test_per_role_diagnostics_plot_and_final_values(study, tmp_path):
     root, _ = study
     result = build_report([root], tmp_path / "rep")
