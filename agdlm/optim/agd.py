@@ -416,8 +416,13 @@ class AGD(torch.optim.Optimizer):
             ws = [pieces[k][1] for k in plan["pieces"]]
             torch._foreach_add_(ws, [u.view_as(w) for u, w in zip(flat.split(plan["sizes"]), ws)])
             self._flat_step = None
-        comp_scale = d["comp_scale"].unbind(0)
-        sign_scale = d["sign_scale"].unbind(0)
+        # Per-component scales: 0-dim device tensors on an accelerator (no host sync); on the CPU
+        # Python floats (free to read there, and unbinding hundreds of 0-dim tensors is not).
+        # w + g * s either way: the same rounding.
+        if d["comp_scale"].device.type == "cpu":
+            comp_scale, sign_scale = d["comp_scale"].tolist(), d["sign_scale"].tolist()
+        else:
+            comp_scale, sign_scale = d["comp_scale"].unbind(0), d["sign_scale"].unbind(0)
         row_scale, row_offset = d["row_scale"], self._row_scale_offsets()
         # A non-finite gradient times a zero (skipped) scale would still be NaN: zero it. The
         # identity whenever G is finite (then every gradient is); the gradient is not used after
@@ -439,9 +444,9 @@ class AGD(torch.optim.Optimizer):
             if directions is not None and k in directions:
                 w.add_(directions[k].view_as(w).nan_to_num() * comp_scale[ci])
             elif norm in ("frobenius", "rms", "follow"):
-                w.addcmul_(g, comp_scale[ci])
+                w.add_(g, alpha=comp_scale[ci]) if type(comp_scale[ci]) is float else w.addcmul_(g, comp_scale[ci])
             elif norm == "sign":
-                w.addcmul_(signs[k], sign_scale[ci])
+                w.add_(signs[k], alpha=sign_scale[ci]) if type(sign_scale[ci]) is float else w.addcmul_(signs[k], sign_scale[ci])
             elif norm == "rows":
                 base = row_offset[si]
                 for r, pos, k, width in _row_chunks(g.numel(), lo - seg["start"], seg["dim"]):
