@@ -444,9 +444,9 @@ class AGD(torch.optim.Optimizer):
             if directions is not None and k in directions:
                 w.add_(directions[k].view_as(w).nan_to_num() * comp_scale[ci])
             elif norm in ("frobenius", "rms", "follow"):
-                w.add_(g, alpha=comp_scale[ci]) if type(comp_scale[ci]) is float else w.addcmul_(g, comp_scale[ci])
+                _add_scaled(w, g, comp_scale[ci])
             elif norm == "sign":
-                w.add_(signs[k], alpha=sign_scale[ci]) if type(sign_scale[ci]) is float else w.addcmul_(signs[k], sign_scale[ci])
+                _add_scaled(w, signs[k], sign_scale[ci])
             elif norm == "rows":
                 base = row_offset[si]
                 for r, pos, k, width in _row_chunks(g.numel(), lo - seg["start"], seg["dim"]):
@@ -717,6 +717,14 @@ def _sums_of_squares(views: list[torch.Tensor], acc: torch.dtype) -> tuple[torch
     if small:
         values += torch._foreach_mul(*(2 * [torch._foreach_norm([views[i] for i in small], 2, dtype=acc)]))
     return torch.stack(values), big + small
+
+
+def _add_scaled(w: torch.Tensor, d: torch.Tensor, scale) -> None:
+    """w += scale * d, scale a Python float (CPU) or a 0-dim device tensor (no host sync)."""
+    if type(scale) is float:
+        w.add_(d, alpha=scale)
+    else:
+        w.addcmul_(d, scale)
 
 
 def _row_chunks(n: int, off: int, d: int) -> list[tuple[int, int, int, int]]:

@@ -99,7 +99,8 @@ class MomentumGrads:
             st = self.optimizer.state[key]
             m = local_part(st["momentum"]).view_as(g)
             torch.lerp(m, g, 1 - MOMENTUM_BETA, out=g)  # the new average, over the gradient (m's lerp, bit for bit)
-            correction = 1 - MOMENTUM_BETA ** (st["momentum_steps"].double() + 1)  # load_state_dict casts it to the param dtype
+            steps = st["momentum_steps"].double()  # load_state_dict casts it to the parameter's dtype
+            correction = 1 - MOMENTUM_BETA ** (steps + 1)
             self._pending.append((st, g))
             out.append(g / correction.to(g.dtype))
         return out
