@@ -563,7 +563,7 @@ def ratio_summary_markdown(cells: list[CellRatios]) -> str:
     for label in labels:
         ratios, ran, within, beats, compared = [], 0, 0, 0, 0
         for c in cells:
-            mine = {s: c.ratio(label, s) for s in c.seeds if c.ratio(label, s) is not None}
+            mine = {s: r for s in c.seeds if (r := c.ratio(label, s)) is not None}
             if not mine:
                 continue
             ran += 1

@@ -13,8 +13,8 @@ RSS is its own. The workers run with glibc's mmap threshold fixed at 1 MiB
 (MALLOC_MMAP_THRESHOLD_), so a freed tensor's pages go back to the system and RSS follows the
 tensors alive, as GPU memory does under a caching allocator; glibc's default raises the
 threshold as large blocks are freed and keeps later ones in its heap (on the 8x1024 model
-that adds ~0.35-1 GB to a sharded rank's RSS). `--glibc-heap` measures with the default. The model starts the way `agdlm train` starts a fresh run
-(agdlm.train.build_model_and_backend)."""
+that adds ~0.35-1 GB to a sharded rank's RSS). `--glibc-heap` measures with the default.
+The model starts the way `agdlm train` starts a fresh run (agdlm.train.build_model_and_backend)."""
 
 from __future__ import annotations
 

@@ -419,7 +419,8 @@ class AGD(torch.optim.Optimizer):
         # Per-component scales: 0-dim device tensors on an accelerator (no host sync); on the CPU
         # Python floats (free to read there, and unbinding hundreds of 0-dim tensors is not).
         # w + g * s either way: the same rounding.
-        if d["comp_scale"].device.type == "cpu":
+        on_cpu = d["comp_scale"].device.type == "cpu"
+        if on_cpu:
             comp_scale, sign_scale = d["comp_scale"].tolist(), d["sign_scale"].tolist()
         else:
             comp_scale, sign_scale = d["comp_scale"].unbind(0), d["sign_scale"].unbind(0)
@@ -429,7 +430,7 @@ class AGD(torch.optim.Optimizer):
         # the step. On an accelerator that costs one more read and write of each gradient every
         # step (knowing whether the step is skipped would be a host sync); on the CPU reading the
         # flag is free, so the pass runs only on a skipped step.
-        if d["finite"].device.type != "cpu" or not bool(d["finite"]):
+        if not on_cpu or not bool(d["finite"]):
             for k, (_, _, g, _) in enumerate(pieces):
                 if g is not None and k not in flat_pieces:
                     g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
@@ -746,14 +747,20 @@ def _row_chunks(n: int, off: int, d: int) -> list[tuple[int, int, int, int]]:
     return out
 
 
+def orthogonal_draw(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
+    """The one random draw of nn.init.orthogonal_: a (rows, numel/rows) fp64 normal block (the
+    QR draws nothing). A replay that must only advance the generator calls this alone."""
+    rows = shape[0]
+    return torch.empty((rows, math.prod(shape) // rows), dtype=torch.float64).normal_(0, 1, generator=generator)
+
+
 def orthogonal_fp64(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
     """torch.nn.init.orthogonal_ on an fp64 tensor of `shape`, bit for bit (same draw, same
     LAPACK geqrf + orgqr that linalg.qr runs), as a (rows, numel/rows) matrix, with two fp64
     copies of the matrix alive at once instead of four (the input, linalg.qr's working copy
     and Q, the output tensor): the embedding's init dominates a rank's start-up peak."""
-    rows = shape[0]
-    cols = math.prod(shape) // rows
-    x = torch.empty((rows, cols), dtype=torch.float64).normal_(0, 1, generator=generator)
+    x = orthogonal_draw(shape, generator)
+    rows, cols = x.shape
     if rows < cols:
         x = x.t()
     a, tau = torch.geqrf(x)

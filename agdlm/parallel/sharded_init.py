@@ -193,13 +193,12 @@ def draw(op: InitOp, generator: torch.Generator, compute: bool) -> torch.Tensor 
 
 
 def _orthogonal(op: InitOp, generator: torch.Generator, compute: bool) -> torch.Tensor | None:
-    from agdlm.optim.agd import orthogonal_fp64
+    from agdlm.optim.agd import orthogonal_draw, orthogonal_fp64
 
-    n = math.prod(op.shape)
     if compute:
         return orthogonal_fp64(op.shape, generator).mul_(op.args[0]).to(torch.get_default_dtype()).reshape(-1)
-    if n:  # orthogonal_ draws one (rows, cols) normal block; the QR draws nothing
-        torch.empty((op.shape[0], n // op.shape[0]), dtype=torch.float64).normal_(0, 1, generator=generator)
+    if math.prod(op.shape):  # only advance the stream past the draw
+        orthogonal_draw(op.shape, generator)
     return None
 
 
