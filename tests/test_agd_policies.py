@@ -315,6 +315,21 @@ def test_layers_cli(capsys):
     assert "total L = 19" in out
 
 
+def test_layers_cli_merges_configs_and_refuses_bad_input_in_one_line(capsys):
+    from agdlm.optim.layers_cli import main
+
+    # the study's recommended setting composes with a model config, as for `agdlm train`
+    assert main(["model/tiny.yaml", "optim/agd-spectral-momentum.yaml"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("transformer.")]
+    assert {r[0]: r[4] for r in rows}["transformer.wte.weight"] == "spectral"
+    for argv, names in ((["configs/tiny.yaml", "optim.variant=bogus"], "optim.variant"),
+                        (["no-such-config.yaml"], "no-such-config.yaml"),
+                        (["configs/tiny.yaml", "optim.policy=paper"], "tied weight")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and names in err, err
+
+
 def test_layers_cli_meta_gpt2_xl(capsys):
     from agdlm.optim.layers_cli import main
 
