@@ -32,8 +32,10 @@ needed only by the momentum variants):
     with; shapes ALWAYS come from the logical tensors captured at construction, see
     ``opt.shapes``): zero or more pieces this process holds. ``start`` is the flat offset
     of the piece into the logical tensor flattened in row-major order; ``weight`` is a
-    1-D view that the optimiser updates in place; ``grad`` is the matching 1-D view of the
-    (already averaged, unscaled) gradient, or None for a zero gradient. A piece may start
+    contiguous view that the optimiser updates in place; ``grad`` is the matching view of
+    the (already averaged, unscaled) gradient, of the same shape, or None for a zero
+    gradient. Either 1-D, or any shape whose row-major order is the piece's (an FSDP2
+    shard's rows): the optimiser flattens where it cuts a piece into parts. A piece may start
     and end anywhere (mid-row included: DeepSpeed ZeRO flat fragments); an empty piece or
     no piece at all is fine (FSDP2 ranks holding zero rows). Pieces of one parameter held
     by one process must not overlap, and over all ranks they cover each element exactly
@@ -252,16 +254,20 @@ class AGD(torch.optim.Optimizer):
         if isinstance(binding, LocalBinding):
             grads = [p.grad for p in self.params] if grads is None else grads
             out = []
-            for si, pi, w, start, stop in self._local_layout():
+            layout = self._local_layout()
+            for si, pi, w, start, stop in layout:
                 g = grads[pi]
                 if g is not None and stop is not None:  # (grads never require grad: no detach)
                     g = g.view(-1)[start:stop]
                 out.append((si, w, g, start))
+            # what fixes the step layout: the weight views and which gradients exist
+            self._pieces_key = (id(layout), tuple(g is None for g in grads))
             return out
         # Which parts a piece overlaps depends only on (parameter, start, length): computed once
-        # per piece geometry; a part covering the whole piece takes the piece's own views.
+        # per piece geometry; a part covering the whole piece takes the piece's own views (any
+        # shape), any other part (and every rows part, whose rows are cut flat) a 1-D slice.
         cuts_of = self.__dict__.setdefault("_piece_cuts", {})
-        out = []
+        out, key = [], []
         for i in range(len(self.params)):
             segs = self.by_param[i]
             if not segs:
@@ -276,14 +282,54 @@ class AGD(torch.optim.Optimizer):
                     for si in segs:
                         lo, hi = max(self.segments[si]["start"], start), min(self.segments[si]["stop"], start + n)
                         if lo < hi:
-                            cuts.append((si, lo - start, hi - start, lo, hi - lo == n))
+                            whole = hi - lo == n and self.segments[si]["norm"] != "rows"
+                            cuts.append((si, lo - start, hi - start, lo, whole))
                     cuts_of[(i, start, n)] = cuts
+                key.append((i, start, n, g is None))
                 for si, a, b, lo, whole in cuts:
                     if whole:
                         out.append((si, w, g, lo))
                     else:
-                        out.append((si, w[a:b], None if g is None else g[a:b], lo))
+                        out.append((si, w.view(-1)[a:b], None if g is None else g.view(-1)[a:b], lo))
+        self._pieces_key = tuple(key)
         return out
+
+    def _step_layout(self, pieces, device) -> dict:
+        """Where each piece goes in the step (flat buffer, sum of squares, sign terms, rows;
+        which update), fixed by the piece layout: built once per layout (the key
+        `_gather_pieces` leaves, plus the gradients' dtype), so a step does no per-piece
+        bookkeeping in Python."""
+        dtype = next((g.dtype for _, _, g, _ in pieces if g is not None), None)
+        key = (self._pieces_key, dtype, str(device))
+        cache = self.__dict__.setdefault("_layout_cache", {})
+        lay = cache.get(key)
+        if lay is not None:
+            return lay
+        if len(cache) > 8:
+            cache.clear()
+        acc, on_cpu = self.acc_dtype, torch.device(device).type == "cpu"
+        flat = self._flat_plan(pieces, device)
+        in_flat = set(flat["pieces"]) if flat is not None else set()
+        big, small, signs, rows, scaled = [], [], [], [], []
+        for k, (si, w, g, lo) in enumerate(pieces):
+            if g is None or k in in_flat:
+                continue
+            norm, ci = self.segments[si]["norm"], self.segments[si]["comp"]
+            if norm == "rows":
+                rows.append(k)
+                continue
+            (big if on_cpu and g.numel() >= CPU_DOT_MIN_NUMEL and g.dtype == acc else small).append(k)
+            if norm == "sign":
+                signs.append(k)
+            if norm in ("frobenius", "rms", "follow", "sign"):
+                scaled.append((k, ci, norm == "sign"))
+        segs = [self.segments[pieces[k][0]] for k in big + small]
+        lay = dict(flat=flat, big=big, small=small, sq_slots=self._index(tuple(seg["sq"] for seg in segs), device),
+                   signs=signs, rows=rows, scaled=scaled, guarded=sorted(big + small + rows),
+                   sign_slots=self._index(tuple(self.segments[pieces[k][0]]["abs"] for k in signs)
+                                          + tuple(self.segments[pieces[k][0]]["nnz"] for k in signs), device))
+        cache[key] = lay
+        return lay
 
     # ---- stage (a) ----------------------------------------------------------------------
     def _flat_plan(self, pieces, device) -> dict | None:
@@ -325,7 +371,8 @@ class AGD(torch.optim.Optimizer):
     def _local_sums(self, pieces, device) -> torch.Tensor:
         acc = self.acc_dtype
         vec = torch.zeros(self.n_slots, dtype=acc, device=device)
-        plan = self._flat_plan(pieces, device)
+        lay = self._step_layout(pieces, device)
+        plan = lay["flat"]
         self._flat_step = None
         if plan is not None:  # (a) for every small piece at once
             flat = torch.cat([pieces[k][2].reshape(-1) for k in plan["pieces"]])
@@ -337,32 +384,24 @@ class AGD(torch.optim.Optimizer):
                 nnz = torch.segment_reduce((tail != 0).to(acc), "sum", lengths=plan["sign_lens"])
                 vec.index_add_(0, plan["sign_slots"], torch.cat([l1, nnz]))
             self._flat_step = (plan, flat)
-        flat_pieces = set(plan["pieces"]) if plan is not None else set()
-        sq_views, sq_slots, abs_views, abs_slots, nnz_slots = [], [], [], [], []
-        for k, (si, w, g, lo) in enumerate(pieces):
-            if g is None or k in flat_pieces:
-                continue
+        for k in lay["rows"]:
+            si, _, g, lo = pieces[k]
             seg = self.segments[si]
-            norm = seg["norm"]
-            if norm == "rows":
-                for r, pos, k, width in _row_chunks(g.numel(), lo - seg["start"], seg["dim"]):
-                    gr = g[pos : pos + k * width].view(k, width)
-                    base = seg["row_base"] + r
-                    vec[base : base + k] += torch.linalg.vector_norm(gr, dim=1, dtype=acc).square()
-                continue
-            sq_views.append(g)
-            sq_slots.append(seg["sq"])
-            if norm == "sign":
-                abs_views.append(g)
-                abs_slots.append(seg["abs"])
-                nnz_slots.append(seg["nnz"])
-        if sq_views:
-            values, order = _sums_of_squares(sq_views, acc)
-            vec.index_add_(0, self._index(tuple(sq_slots[i] for i in order), device), values)
-        if abs_views:  # one multi-tensor op each for sum |g| and the nonzero count (ord 0)
-            l1 = torch.stack(torch._foreach_norm(abs_views, 1, dtype=acc))
-            nnz = torch.stack(torch._foreach_norm(abs_views, 0, dtype=acc))
-            vec.index_add_(0, self._index(tuple(abs_slots) + tuple(nnz_slots), device), torch.cat([l1, nnz]))
+            for r, pos, n, width in _row_chunks(g.numel(), lo - seg["start"], seg["dim"]):
+                gr = g[pos : pos + n * width].view(n, width)
+                base = seg["row_base"] + r
+                vec[base : base + n] += torch.linalg.vector_norm(gr, dim=1, dtype=acc).square()
+        values = [torch.dot(g, g) for g in (pieces[k][2].reshape(-1) for k in lay["big"])]
+        if lay["small"]:
+            norms = torch._foreach_norm([pieces[k][2] for k in lay["small"]], 2, dtype=acc)
+            values += torch._foreach_mul(norms, norms)
+        if values:
+            vec.index_add_(0, lay["sq_slots"], torch.stack(values))
+        if lay["signs"]:  # one multi-tensor op each for sum |g| and the nonzero count (ord 0)
+            views = [pieces[k][2] for k in lay["signs"]]
+            l1 = torch.stack(torch._foreach_norm(views, 1, dtype=acc))
+            nnz = torch.stack(torch._foreach_norm(views, 0, dtype=acc))
+            vec.index_add_(0, lay["sign_slots"], torch.cat([l1, nnz]))
         return vec
 
     def _index(self, slots: tuple, device) -> torch.Tensor:
@@ -403,10 +442,8 @@ class AGD(torch.optim.Optimizer):
                     comp_scale=comp_scale, sign_scale=sign_scale, row_scale=row_scale, vec=vec)
 
     def _apply(self, pieces, d: dict, directions: dict | None = None) -> None:
-        flat_pieces = set()
         if self._flat_step is not None:  # (c) for every small piece at once
             plan, flat = self._flat_step
-            flat_pieces = set(plan["pieces"])
             flat.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # see the guard below
             t = self._static_tensors(flat.device)
             scale = torch.where(t["is_sign"], d["sign_scale"], d["comp_scale"])[plan["comp"]]
@@ -430,30 +467,26 @@ class AGD(torch.optim.Optimizer):
         # the step. On an accelerator that costs one more read and write of each gradient every
         # step (knowing whether the step is skipped would be a host sync); on the CPU reading the
         # flag is free, so the pass runs only on a skipped step.
+        lay = self._step_layout(pieces, d["comp_scale"].device)
         if not on_cpu or not bool(d["finite"]):
-            for k, (_, _, g, _) in enumerate(pieces):
-                if g is not None and k not in flat_pieces:
-                    g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-        sign_pieces = [k for k, (si, _, g, _) in enumerate(pieces)
-                       if g is not None and k not in flat_pieces and self.segments[si]["norm"] == "sign"]
-        signs = dict(zip(sign_pieces, torch._foreach_sign([pieces[k][2] for k in sign_pieces]))) if sign_pieces else {}
-        for k, (si, w, g, lo) in enumerate(pieces):
-            if g is None or k in flat_pieces:
-                continue
-            seg = self.segments[si]
-            norm, ci = seg["norm"], seg["comp"]
+            for k in lay["guarded"]:
+                pieces[k][2].nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        signs = dict(zip(lay["signs"], torch._foreach_sign([pieces[k][2] for k in lay["signs"]]))) if lay["signs"] else {}
+        for k, ci, is_sign in lay["scaled"]:
+            _, w, g, _ = pieces[k]
             if directions is not None and k in directions:
                 w.add_(directions[k].view_as(w).nan_to_num() * comp_scale[ci])
-            elif norm in ("frobenius", "rms", "follow"):
-                _add_scaled(w, g, comp_scale[ci])
-            elif norm == "sign":
-                _add_scaled(w, signs[k], sign_scale[ci])
-            elif norm == "rows":
-                base = row_offset[si]
-                for r, pos, k, width in _row_chunks(g.numel(), lo - seg["start"], seg["dim"]):
-                    sl = slice(pos, pos + k * width)
-                    w[sl].view(k, width).addcmul_(g[sl].view(k, width), row_scale[base + r : base + r + k, None].to(w.dtype))
-            # frozen: nothing
+            elif on_cpu:
+                w.add_(signs[k] if is_sign else g, alpha=sign_scale[ci] if is_sign else comp_scale[ci])
+            else:
+                w.addcmul_(signs[k] if is_sign else g, sign_scale[ci] if is_sign else comp_scale[ci])
+        for k in lay["rows"]:
+            si, w, g, lo = pieces[k]
+            seg, base = self.segments[si], row_offset[si]
+            for r, pos, n, width in _row_chunks(g.numel(), lo - seg["start"], seg["dim"]):
+                sl = slice(pos, pos + n * width)
+                w[sl].view(n, width).addcmul_(g[sl].view(n, width), row_scale[base + r : base + r + n, None].to(w.dtype))
+        # frozen: nothing
 
     def _row_scale_offsets(self) -> dict[int, int]:
         if not hasattr(self, "_row_offsets"):
@@ -525,7 +558,7 @@ class AGD(torch.optim.Optimizer):
             for si, _, g, lo in pieces:
                 if g is not None and si in at:
                     pos = at[si] + lo - self.segments[si]["start"]
-                    buf[pos : pos + g.numel()] = g
+                    buf[pos : pos + g.numel()] = g.reshape(-1)
             buf = self.binding.reduce(buf)
             full = {si: buf[at[si] : at[si] + self.segments[si]["stop"] - self.segments[si]["start"]] for si in at}
         duals, whole_dirs = {}, {}
@@ -698,34 +731,14 @@ class AGD(torch.optim.Optimizer):
             self._w0_sq = torch.tensor(w0, dtype=self.acc_dtype, device=self.params[0].device)
 
 
+# On CPU _foreach_norm runs one thread: gradients this big get a BLAS dot each, which uses every
+# thread (15 ms vs 9 ms for GPT-2-124M's grads on 2 cores); the many small ones share one
+# _foreach_norm.
 CPU_DOT_MIN_NUMEL = 1 << 16
 # Pieces smaller than this share one flat buffer in the step: a fixed handful of ops for all
 # of them. On GPU that saves a kernel launch per tensor; on CPU the copy costs more than the
 # dispatch it saves except for tiny vectors (measured: `agdlm bench optim`, 48x64 case).
 FLAT_MAX_NUMEL = {"cuda": 1 << 16, "cpu": 1 << 12}
-
-
-def _sums_of_squares(views: list[torch.Tensor], acc: torch.dtype) -> tuple[torch.Tensor, list[int]]:
-    """(sum(g^2) of the views, the view index of each value), accumulated in `acc` (>= fp32).
-    On GPU one multi-tensor _foreach_norm. On CPU _foreach_norm runs one thread, so tensors of
-    CPU_DOT_MIN_NUMEL elements or more get a BLAS dot each, which uses every thread (15 ms vs
-    9 ms for GPT-2-124M's grads on 2 cores), and the many small ones share one _foreach_norm."""
-    if views[0].device.type != "cpu":
-        return torch.stack(torch._foreach_norm(views, 2, dtype=acc)).square(), list(range(len(views)))
-    big = [i for i, g in enumerate(views) if g.numel() >= CPU_DOT_MIN_NUMEL and g.dtype == acc]
-    small = [i for i, g in enumerate(views) if not (g.numel() >= CPU_DOT_MIN_NUMEL and g.dtype == acc)]
-    values = [torch.dot(views[i].reshape(-1), views[i].reshape(-1)) for i in big]
-    if small:
-        values += torch._foreach_mul(*(2 * [torch._foreach_norm([views[i] for i in small], 2, dtype=acc)]))
-    return torch.stack(values), big + small
-
-
-def _add_scaled(w: torch.Tensor, d: torch.Tensor, scale) -> None:
-    """w += scale * d, scale a Python float (CPU) or a 0-dim device tensor (no host sync)."""
-    if type(scale) is float:
-        w.add_(d, alpha=scale)
-    else:
-        w.addcmul_(d, scale)
 
 
 def _row_chunks(n: int, off: int, d: int) -> list[tuple[int, int, int, int]]:

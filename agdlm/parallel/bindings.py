@@ -3,8 +3,10 @@ rank holds, and the one process group the partial sums are reduced over.
 
 The contract (agdlm/optim/agd.py): ``pieces(index)`` -> [(start, weight, grad)] with
 ``start`` the flat offset of the piece in the logical tensor flattened row-major, ``weight``
-a 1-D view updated in place, ``grad`` the matching 1-D view of the averaged gradient (or
-None); ``reduce(vec)`` sums over the ranks that shard the parameters. Nothing is gathered.
+a contiguous view updated in place, ``grad`` the matching view of the averaged gradient, of
+the same shape (or None): 1-D for a piece of a flattened tensor, or the shard's own shape
+(the optimiser flattens only where it cuts a piece); ``reduce(vec)`` sums over the ranks
+that shard the parameters. Nothing is gathered.
 
 - FSDP2: DTensor ``to_local()`` rows (Shard(0)); reduce over the shard sub-mesh (HSDP
   replicas already hold the same averaged gradient and update identically).
@@ -63,7 +65,8 @@ class FSDP2Binding:
             strides = [math.prod(p.shape[d + 1 :]) for d in range(p.dim())]
             self.starts.append(sum(o * s for o, s in zip(offset, strides)))
         # Local weight views cached per storage: DTensor.to_local() goes through autograd each
-        # call (~30 ms per step at 1.5B's tensor count); revalidated by data pointer.
+        # call (~30 ms per step at 1.5B's tensor count); revalidated by data pointer. Pieces
+        # keep the shard's shape: no view per gradient per step.
         self._weights: dict[int, tuple[int, torch.Tensor]] = {}
 
     def grad_storages(self):
@@ -74,10 +77,10 @@ class FSDP2Binding:
         local = p._local_tensor  # the shard DTensor holds; to_local() without the autograd hop
         cached = self._weights.get(index)
         if cached is None or cached[0] != local.data_ptr():
-            cached = (local.data_ptr(), local.detach().view(-1))
+            cached = (local.data_ptr(), local.detach())
             self._weights[index] = cached
         g = (None if p.grad is None else p.grad._local_tensor) if grads is None else grads[index]
-        return [(self.starts[index], cached[1], None if g is None else g.view(-1))]
+        return [(self.starts[index], cached[1], g)]
 
     def reduce(self, vec: torch.Tensor) -> torch.Tensor:
         return _all_reduce_sum(vec, self.group)
