@@ -415,3 +415,30 @@ def test_lean_orthogonal_init_is_torch_orthogonal_bit_for_bit(shape):
     q = orthogonal_fp64(shape, g_new)
     assert torch.equal(q.reshape(shape), ref)
     assert torch.equal(g_new.get_state(), g_ref.get_state())
+
+
+@pytest.mark.parametrize("policy", ["default", "modular"])
+def test_sync_free_flat_sums_match_segment_reduce(monkeypatch, policy):
+    """The accelerator form of the flat buffer (per-element index_add_ sums and gathered scales,
+    no host sync) steps as the CPU form (segment_reduce) does: run here by turning it on for
+    the CPU. Biases, LayerNorm gains (sign rule under default) and momentum all use it."""
+    import agdlm.optim.agd as agd_module
+
+    results = []
+    for sync_free in (False, True):
+        monkeypatch.setitem(agd_module.SYNC_FREE_SEGMENTS, "cpu", sync_free)
+        m = tiny_gpt(bias=True)
+        opt = AGD(m, policy=policy, variant="momentum")
+        for step in range(3):
+            m.zero_grad()
+            backward(m, *batch(seed=step))
+            opt.step()
+        plans = list(opt._flat_cache.values())
+        assert plans and all(("elem_sq_slot" in plan) == sync_free for plan in plans)
+        results.append(({n: p.detach().clone() for n, p in m.named_parameters()}, opt.log_metrics()))
+    (weights, metrics), (weights_sf, metrics_sf) = results
+    for name, want in weights.items():
+        torch.testing.assert_close(weights_sf[name], want, rtol=1e-6, atol=1e-7, msg=name)
+    assert metrics_sf.keys() == metrics.keys()  # incl. update sizes (the sign rule's nonzero counts)
+    for key, want in metrics.items():
+        assert math.isclose(metrics_sf[key], want, rel_tol=1e-5, abs_tol=1e-9), (key, metrics_sf[key], want)

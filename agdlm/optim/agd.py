@@ -359,13 +359,24 @@ class AGD(torch.optim.Optimizer):
             def t(x):
                 return torch.tensor(x, dtype=torch.long, device=device)
 
-            cache[key] = dict(
+            plan = dict(
                 sizes=sizes, total=sum(sizes), lens=t(sizes), sq_slot=t([seg["sq"] for seg in segs]),
                 comp=t([seg["comp"] for seg in segs]), sign_start=sum(sizes[: len(sizes) - n_sign]),
                 sign_lens=t(sizes[len(sizes) - n_sign :]),
                 sign_slots=t([seg["abs"] for seg in segs if seg["norm"] == "sign"]
                              + [seg["nnz"] for seg in segs if seg["norm"] == "sign"]),
             )
+            if SYNC_FREE_SEGMENTS.get(torch.device(device).type, True):
+                # Per element: its slot in the vector and its component (see SYNC_FREE_SEGMENTS).
+                signs = [seg for seg in segs if seg["norm"] == "sign"]
+                sign_sizes = sizes[len(sizes) - n_sign :]
+                plan.update(
+                    elem_sq_slot=t([seg["sq"] for seg, n in zip(segs, sizes) for _ in range(n)]),
+                    elem_comp=t([seg["comp"] for seg, n in zip(segs, sizes) for _ in range(n)]),
+                    elem_abs_slot=t([seg["abs"] for seg, n in zip(signs, sign_sizes) for _ in range(n)]),
+                    elem_nnz_slot=t([seg["nnz"] for seg, n in zip(signs, sign_sizes) for _ in range(n)]),
+                )
+            cache[key] = plan
         return dict(cache[key], pieces=small)
 
     def _local_sums(self, pieces, device) -> torch.Tensor:
@@ -377,12 +388,18 @@ class AGD(torch.optim.Optimizer):
         if plan is not None:  # (a) for every small piece at once
             flat = torch.cat([pieces[k][2].reshape(-1) for k in plan["pieces"]])
             wide = flat if flat.dtype == acc else flat.to(acc)
-            vec.index_add_(0, plan["sq_slot"], torch.segment_reduce(wide.square(), "sum", lengths=plan["lens"]))
-            if len(plan["sign_lens"]):
-                tail = wide[plan["sign_start"] :]
-                l1 = torch.segment_reduce(tail.abs(), "sum", lengths=plan["sign_lens"])
-                nnz = torch.segment_reduce((tail != 0).to(acc), "sum", lengths=plan["sign_lens"])
-                vec.index_add_(0, plan["sign_slots"], torch.cat([l1, nnz]))
+            tail = wide[plan["sign_start"] :]
+            if "elem_sq_slot" in plan:  # accelerator: no host sync
+                vec.index_add_(0, plan["elem_sq_slot"], wide.square())
+                if len(plan["sign_lens"]):
+                    vec.index_add_(0, plan["elem_abs_slot"], tail.abs())
+                    vec.index_add_(0, plan["elem_nnz_slot"], (tail != 0).to(acc))
+            else:
+                vec.index_add_(0, plan["sq_slot"], torch.segment_reduce(wide.square(), "sum", lengths=plan["lens"]))
+                if len(plan["sign_lens"]):
+                    l1 = torch.segment_reduce(tail.abs(), "sum", lengths=plan["sign_lens"])
+                    nnz = torch.segment_reduce((tail != 0).to(acc), "sum", lengths=plan["sign_lens"])
+                    vec.index_add_(0, plan["sign_slots"], torch.cat([l1, nnz]))
             self._flat_step = (plan, flat)
         for k in lay["rows"]:
             si, _, g, lo = pieces[k]
@@ -446,10 +463,13 @@ class AGD(torch.optim.Optimizer):
             plan, flat = self._flat_step
             flat.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # see the guard below
             t = self._static_tensors(flat.device)
-            scale = torch.where(t["is_sign"], d["sign_scale"], d["comp_scale"])[plan["comp"]]
+            scale = torch.where(t["is_sign"], d["sign_scale"], d["comp_scale"]).to(flat.dtype)
             if len(plan["sign_lens"]):
                 flat[plan["sign_start"] :].sign_()
-            flat.mul_(scale.to(flat.dtype).repeat_interleave(plan["lens"], output_size=plan["total"]))
+            if "elem_comp" in plan:
+                flat.mul_(scale[plan["elem_comp"]])
+            else:
+                flat.mul_(scale[plan["comp"]].repeat_interleave(plan["lens"], output_size=plan["total"]))
             ws = [pieces[k][1] for k in plan["pieces"]]
             torch._foreach_add_(ws, [u.view_as(w) for u, w in zip(flat.split(plan["sizes"]), ws)])
             self._flat_step = None
@@ -739,6 +759,11 @@ CPU_DOT_MIN_NUMEL = 1 << 16
 # of them. On GPU that saves a kernel launch per tensor; on CPU the copy costs more than the
 # dispatch it saves except for tiny vectors (measured: `agdlm bench optim`, 48x64 case).
 FLAT_MAX_NUMEL = {"cuda": 1 << 16, "cpu": 1 << 12}
+# The flat buffer's per-piece sums and scales: on an accelerator segment_reduce and a
+# tensor-repeats repeat_interleave synchronise with the host (seen on CUDA under
+# set_sync_debug_mode("error")), so it sums with index_add_ over a per-element slot index and
+# scales by a per-element gather; the CPU (no sync to avoid) keeps segment_reduce.
+SYNC_FREE_SEGMENTS = {"cpu": False}
 
 
 def _row_chunks(n: int, off: int, d: int) -> list[tuple[int, int, int, int]]:
