@@ -419,8 +419,8 @@ def test_lean_orthogonal_init_is_torch_orthogonal_bit_for_bit(shape):
 
 @pytest.mark.parametrize("policy", ["default", "modular"])
 def test_sync_free_flat_sums_match_segment_reduce(monkeypatch, policy):
-    """The accelerator form of the flat buffer (per-element index_add_ sums and gathered scales,
-    no host sync) steps as the CPU form (segment_reduce) does: run here by turning it on for
+    """The accelerator form of the flat buffer (sums from fp64 prefix sums, gathered scales, no
+    host sync) steps as the CPU form (segment_reduce) does: run here by turning it on for
     the CPU. Biases, LayerNorm gains (sign rule under default) and momentum all use it."""
     import agdlm.optim.agd as agd_module
 
@@ -434,7 +434,7 @@ def test_sync_free_flat_sums_match_segment_reduce(monkeypatch, policy):
             backward(m, *batch(seed=step))
             opt.step()
         plans = list(opt._flat_cache.values())
-        assert plans and all(("elem_sq_slot" in plan) == sync_free for plan in plans)
+        assert plans and all(("bounds" in plan) == sync_free for plan in plans)
         results.append(({n: p.detach().clone() for n, p in m.named_parameters()}, opt.log_metrics()))
     (weights, metrics), (weights_sf, metrics_sf) = results
     for name, want in weights.items():

@@ -59,6 +59,7 @@ every rank must call them (they are collectives, like the step).
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -367,14 +368,14 @@ class AGD(torch.optim.Optimizer):
                              + [seg["nnz"] for seg in segs if seg["norm"] == "sign"]),
             )
             if SYNC_FREE_SEGMENTS.get(torch.device(device).type, True):
-                # Per element: its slot in the vector and its component (see SYNC_FREE_SEGMENTS).
-                signs = [seg for seg in segs if seg["norm"] == "sign"]
-                sign_sizes = sizes[len(sizes) - n_sign :]
+                # Segment bounds (into fp64 prefix sums) and each element's component (see
+                # SYNC_FREE_SEGMENTS).
+                ends = list(itertools.accumulate(sizes))
+                tail_ends = [e - plan["sign_start"] for e in ends[len(sizes) - n_sign :]]
                 plan.update(
-                    elem_sq_slot=t([seg["sq"] for seg, n in zip(segs, sizes) for _ in range(n)]),
+                    bounds=(t([0] + ends[:-1]), t(ends)),
+                    sign_bounds=(t([0] + tail_ends[:-1]), t(tail_ends)),
                     elem_comp=t([seg["comp"] for seg, n in zip(segs, sizes) for _ in range(n)]),
-                    elem_abs_slot=t([seg["abs"] for seg, n in zip(signs, sign_sizes) for _ in range(n)]),
-                    elem_nnz_slot=t([seg["nnz"] for seg, n in zip(signs, sign_sizes) for _ in range(n)]),
                 )
             cache[key] = plan
         return dict(cache[key], pieces=small)
@@ -386,14 +387,16 @@ class AGD(torch.optim.Optimizer):
         plan = lay["flat"]
         self._flat_step = None
         if plan is not None:  # (a) for every small piece at once
-            flat = torch.cat([pieces[k][2].reshape(-1) for k in plan["pieces"]])
+            # (flatten/unflatten_dense_tensors: the per-piece views made in C++, not Python)
+            flat = torch._C._nn.flatten_dense_tensors([pieces[k][2] for k in plan["pieces"]])
             wide = flat if flat.dtype == acc else flat.to(acc)
             tail = wide[plan["sign_start"] :]
-            if "elem_sq_slot" in plan:  # accelerator: no host sync
-                vec.index_add_(0, plan["elem_sq_slot"], wide.square())
+            if "bounds" in plan:  # accelerator: no host sync
+                vec.index_add_(0, plan["sq_slot"], _segment_sums(wide.square(), plan["bounds"]).to(acc))
                 if len(plan["sign_lens"]):
-                    vec.index_add_(0, plan["elem_abs_slot"], tail.abs())
-                    vec.index_add_(0, plan["elem_nnz_slot"], (tail != 0).to(acc))
+                    l1 = _segment_sums(tail.abs(), plan["sign_bounds"])
+                    nnz = _segment_sums(tail != 0, plan["sign_bounds"])
+                    vec.index_add_(0, plan["sign_slots"], torch.cat([l1, nnz]).to(acc))
             else:
                 vec.index_add_(0, plan["sq_slot"], torch.segment_reduce(wide.square(), "sum", lengths=plan["lens"]))
                 if len(plan["sign_lens"]):
@@ -471,7 +474,7 @@ class AGD(torch.optim.Optimizer):
             else:
                 flat.mul_(scale[plan["comp"]].repeat_interleave(plan["lens"], output_size=plan["total"]))
             ws = [pieces[k][1] for k in plan["pieces"]]
-            torch._foreach_add_(ws, [u.view_as(w) for u, w in zip(flat.split(plan["sizes"]), ws)])
+            torch._foreach_add_(ws, torch._C._nn.unflatten_dense_tensors(flat, ws))
             self._flat_step = None
         # Per-component scales: 0-dim device tensors on an accelerator (no host sync); on the CPU
         # Python floats (free to read there, and unbinding hundreds of 0-dim tensors is not).
@@ -761,9 +764,18 @@ CPU_DOT_MIN_NUMEL = 1 << 16
 FLAT_MAX_NUMEL = {"cuda": 1 << 16, "cpu": 1 << 12}
 # The flat buffer's per-piece sums and scales: on an accelerator segment_reduce and a
 # tensor-repeats repeat_interleave synchronise with the host (seen on CUDA under
-# set_sync_debug_mode("error")), so it sums with index_add_ over a per-element slot index and
-# scales by a per-element gather; the CPU (no sync to avoid) keeps segment_reduce.
+# set_sync_debug_mode("error")), so it sums by differences of fp64 prefix sums at the segment
+# bounds (deterministic; an index_add_ per element would be sync-free too, and measured about
+# as fast on an H200, but its atomics sum in a different order each run) and scales by a
+# per-element gather; the CPU (no sync to avoid) keeps segment_reduce.
 SYNC_FREE_SEGMENTS = {"cpu": False}
+
+
+def _segment_sums(x: torch.Tensor, bounds: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Sums of x over contiguous segments [start, end), in fp64, with no host sync: prefix sums
+    in fp64 (rounding ~1e-16 of the running total, far below fp32's for any segment)."""
+    prefix = torch.nn.functional.pad(x.to(torch.float64).cumsum(0), (1, 0))
+    return prefix[bounds[1]] - prefix[bounds[0]]
 
 
 def _row_chunks(n: int, off: int, d: int) -> list[tuple[int, int, int, int]]:
