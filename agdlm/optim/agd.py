@@ -267,33 +267,40 @@ class AGD(torch.optim.Optimizer):
         # Which parts a piece overlaps depends only on (parameter, start, length): computed once
         # per piece geometry; a part covering the whole piece takes the piece's own views (any
         # shape), any other part (and every rows part, whose rows are cut flat) a 1-D slice.
+        # The weight's slices are kept while the binding hands back the same weight view.
         cuts_of = self.__dict__.setdefault("_piece_cuts", {})
         out, key = [], []
         for i in range(len(self.params)):
-            segs = self.by_param[i]
-            if not segs:
+            if not self.by_param[i]:
                 continue
             for start, w, g in (binding.pieces(i) if grads is None else binding.pieces(i, grads)):
                 n = w.numel()
                 if n == 0:
                     continue
                 cuts = cuts_of.get((i, start, n))
-                if cuts is None:
-                    cuts = []
-                    for si in segs:
-                        lo, hi = max(self.segments[si]["start"], start), min(self.segments[si]["stop"], start + n)
-                        if lo < hi:
-                            whole = hi - lo == n and self.segments[si]["norm"] != "rows"
-                            cuts.append((si, lo - start, hi - start, lo, whole))
+                if cuts is None or cuts[0] is not w:
+                    cuts = (w, self._cut(i, start, n, w))
                     cuts_of[(i, start, n)] = cuts
                 key.append((i, start, n, g is None))
-                for si, a, b, lo, whole in cuts:
-                    if whole:
-                        out.append((si, w, g, lo))
-                    else:
-                        out.append((si, w.view(-1)[a:b], None if g is None else g.view(-1)[a:b], lo))
+                for si, a, b, lo, w_part in cuts[1]:
+                    out.append((si, w_part, g if a is None or g is None else g.view(-1)[a:b], lo))
         self._pieces_key = tuple(key)
         return out
+
+    def _cut(self, i: int, start: int, n: int, w: torch.Tensor) -> list[tuple]:
+        """The parts of parameter i that the piece [start, start + n) overlaps:
+        (segment, a, b, absolute start, weight view), a = b = None where the part covers the
+        whole piece (its views are the piece's own), else the piece's elements [a, b)."""
+        cuts = []
+        for si in self.by_param[i]:
+            lo, hi = max(self.segments[si]["start"], start), min(self.segments[si]["stop"], start + n)
+            if lo >= hi:
+                continue
+            if hi - lo == n and self.segments[si]["norm"] != "rows":
+                cuts.append((si, None, None, lo, w))
+            else:
+                cuts.append((si, lo - start, hi - start, lo, w.view(-1)[lo - start : hi - start]))
+        return cuts
 
     def _step_layout(self, pieces, device) -> dict:
         """Where each piece goes in the step (flat buffer, sum of squares, sign terms, rows;

@@ -151,6 +151,7 @@ class DeepSpeedZero3Binding:
             )
         self.group = zero_optimizer._get_sub_group_process_group(0) if hasattr(zero_optimizer, "_get_sub_group_process_group") else zero_optimizer.dp_process_group
         self.rank = dist.get_rank(self.group)
+        self._weights: dict[int, tuple[tuple, torch.Tensor]] = {}
 
     def grad_storages(self):
         return [(flat, flat.grad) for flat in self.flats]
@@ -162,7 +163,11 @@ class DeepSpeedZero3Binding:
         start = self.rank * chunk
         numel = max(0, min(chunk, p.ds_numel - start))
         flat = self.flats[sg]
-        w = flat.detach().narrow(0, offset, numel)
+        cached = self._weights.get(index)  # the same view each step while the flat stays put
+        if cached is None or cached[0] != (flat.data_ptr(), offset, numel):
+            cached = ((flat.data_ptr(), offset, numel), flat.detach().narrow(0, offset, numel))
+            self._weights[index] = cached
+        w = cached[1]
         grad = flat.grad if grads is None else grads[sg]
         return [(start, w, None if grad is None else grad.narrow(0, offset, numel))]
 
