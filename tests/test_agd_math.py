@@ -419,7 +419,7 @@ def test_lean_orthogonal_init_is_torch_orthogonal_bit_for_bit(shape):
 
 @pytest.mark.parametrize("policy", ["default", "modular"])
 def test_sync_free_flat_sums_match_segment_reduce(monkeypatch, policy):
-    """The accelerator form of the flat buffer (sums from fp64 prefix sums, gathered scales, no
+    """The CUDA form of the flat buffer (sums from fp64 prefix sums, gathered scales, no
     host sync) steps as the CPU form (segment_reduce) does: run here by turning it on for
     the CPU. Biases, LayerNorm gains (sign rule under default) and momentum all use it."""
     import agdlm.optim.agd as agd_module

@@ -374,7 +374,7 @@ class AGD(torch.optim.Optimizer):
                 sign_slots=t([seg["abs"] for seg in segs if seg["norm"] == "sign"]
                              + [seg["nnz"] for seg in segs if seg["norm"] == "sign"]),
             )
-            if SYNC_FREE_SEGMENTS.get(torch.device(device).type, True):
+            if SYNC_FREE_SEGMENTS.get(torch.device(device).type, False):
                 # Segment bounds (into fp64 prefix sums) and each element's component (see
                 # SYNC_FREE_SEGMENTS).
                 ends = list(itertools.accumulate(sizes))
@@ -398,7 +398,7 @@ class AGD(torch.optim.Optimizer):
             flat = torch._C._nn.flatten_dense_tensors([pieces[k][2] for k in plan["pieces"]])
             wide = flat if flat.dtype == acc else flat.to(acc)
             tail = wide[plan["sign_start"] :]
-            if "bounds" in plan:  # accelerator: no host sync
+            if "bounds" in plan:  # CUDA: no host sync
                 vec.index_add_(0, plan["sq_slot"], _segment_sums(wide.square(), plan["bounds"]).to(acc))
                 if len(plan["sign_lens"]):
                     l1 = _segment_sums(tail.abs(), plan["sign_bounds"])
@@ -769,13 +769,12 @@ CPU_DOT_MIN_NUMEL = 1 << 16
 # of them. On GPU that saves a kernel launch per tensor; on CPU the copy costs more than the
 # dispatch it saves except for tiny vectors (measured: `agdlm bench optim`, 48x64 case).
 FLAT_MAX_NUMEL = {"cuda": 1 << 16, "cpu": 1 << 12}
-# The flat buffer's per-piece sums and scales: on an accelerator segment_reduce and a
-# tensor-repeats repeat_interleave synchronise with the host (seen on CUDA under
-# set_sync_debug_mode("error")), so it sums by differences of fp64 prefix sums at the segment
-# bounds (deterministic; an index_add_ per element would be sync-free too, and measured about
-# as fast on an H200, but its atomics sum in a different order each run) and scales by a
-# per-element gather; the CPU (no sync to avoid) keeps segment_reduce.
-SYNC_FREE_SEGMENTS = {"cpu": False}
+# The flat buffer's per-piece sums on CUDA: segment_reduce synchronises with the host there
+# (seen under set_sync_debug_mode("error") on an H200), so they are differences of fp64 prefix
+# sums at the segment bounds (deterministic; an index_add_ per element is sync-free too and
+# measured about as fast, but its atomics sum in a different order each run), and the scales
+# are one per-element gather. Other devices (the CPU: no sync to avoid) keep segment_reduce.
+SYNC_FREE_SEGMENTS = {"cuda": True}
 
 
 def _segment_sums(x: torch.Tensor, bounds: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
