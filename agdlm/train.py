@@ -559,6 +559,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"agdlm: data error: {e}", file=sys.stderr)
         return 2
     code = 0 if result else 1
-    if cfg.parallel.backend == "deepspeed" and launched_as_worker():
+    # A worker's work is done (metrics closed, checkpoints written, group destroyed): skip the
+    # interpreter teardown, where gloo's threads can abort the process (see exit_without_teardown)
+    if launched_as_worker() and (cfg.parallel.backend == "deepspeed" or "TORCHELASTIC_RUN_ID" in os.environ):
         exit_without_teardown(code)
     return code

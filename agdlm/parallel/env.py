@@ -93,7 +93,8 @@ def exit_without_teardown(code: int = 0):
     """End a dedicated worker process now, skipping interpreter teardown. DeepSpeed worker
     processes on CPU/gloo were seen to abort at exit ("terminate called without an active
     exception", SIGABRT) in about 1 of 10 ZeRO-3 runs, after all work and
-    destroy_process_group had finished; the launcher then reports a failed run."""
+    destroy_process_group had finished; the launcher then reports a failed run. An FSDP2
+    torchrun worker aborted the same way once in CI (a restarted attempt; when, not pinned)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
