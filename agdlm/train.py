@@ -543,24 +543,25 @@ def parse_args(argv: list[str]) -> tuple[list[str], list[str]]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     files, overrides = parse_args(argv)
+    cfg = None
     try:
         cfg = load_config(files or None, overrides)
-        result = train(cfg, command_line=["agdlm", "train", *argv])
+        code = 0 if train(cfg, command_line=["agdlm", "train", *argv]) else 1
     except ConfigError as e:
         print(f"agdlm: config error: {e}", file=sys.stderr)
-        return 2
+        code = 2
     except TrainingDiverged as e:
         print(f"agdlm: {e}", file=sys.stderr)
-        return 3
+        code = 3
     except (ResumeRefused, DiskFullError, MetricsFileError, BindingInternalsMissing) as e:
         print(f"agdlm: {e}", file=sys.stderr)
-        return 2
+        code = 2
     except (DataSourceError, FileNotFoundError) as e:  # checkpoint files are checked before they are read
         print(f"agdlm: data error: {e}", file=sys.stderr)
-        return 2
-    code = 0 if result else 1
-    # A worker's work is done (metrics closed, checkpoints written, group destroyed): skip the
-    # interpreter teardown, where gloo's threads can abort the process (see exit_without_teardown)
-    if launched_as_worker() and (cfg.parallel.backend == "deepspeed" or "TORCHELASTIC_RUN_ID" in os.environ):
+        code = 2
+    # A worker is done (metrics closed, checkpoints written, group destroyed, or the error said):
+    # skip the interpreter teardown, where gloo's threads can abort it (see exit_without_teardown)
+    deepspeed = cfg is not None and cfg.parallel.backend == "deepspeed"
+    if launched_as_worker() and (deepspeed or "TORCHELASTIC_RUN_ID" in os.environ):
         exit_without_teardown(code)
     return code

@@ -350,10 +350,11 @@ class AGD(torch.optim.Optimizer):
                  if g is not None and g.numel() < limit and g.dtype == w.dtype
                  and self.segments[si]["norm"] in ("frobenius", "rms", "follow", "sign")
                  and si not in self._spectral_segments]
-        if len(small) < 2:
+        if small:
+            dtype = pieces[small[0]][2].dtype
+            small = [k for k in small if pieces[k][2].dtype == dtype]
+        if len(small) < 2:  # (flattening one tensor would give a view of the gradient, not a copy)
             return None
-        dtype = pieces[small[0]][2].dtype
-        small = [k for k in small if pieces[k][2].dtype == dtype]
         small.sort(key=lambda k: self.segments[pieces[k][0]]["norm"] == "sign")
         key = (tuple((pieces[k][0], pieces[k][2].numel()) for k in small), device, dtype)
         cache = self.__dict__.setdefault("_flat_cache", {})
@@ -778,10 +779,12 @@ SYNC_FREE_SEGMENTS = {"cuda": True}
 
 
 def _segment_sums(x: torch.Tensor, bounds: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Sums of x over contiguous segments [start, end), in fp64, with no host sync: prefix sums
-    in fp64 (rounding ~1e-16 of the running total, far below fp32's for any segment)."""
+    """Sums of x >= 0 over contiguous segments [start, end), in fp64, with no host sync: the
+    differences of fp64 prefix sums. Their error is ~1e-16 of the running total, not of the
+    segment, and a parallel scan need not be monotone, so a zero segment can come out as
+    +-1e-12-sized noise: clamped at 0 (a negative sum of squares would make G NaN)."""
     prefix = torch.nn.functional.pad(x.to(torch.float64).cumsum(0), (1, 0))
-    return prefix[bounds[1]] - prefix[bounds[0]]
+    return (prefix[bounds[1]] - prefix[bounds[0]]).clamp_min_(0)
 
 
 def _row_chunks(n: int, off: int, d: int) -> list[tuple[int, int, int, int]]:
