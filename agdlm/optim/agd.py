@@ -344,7 +344,7 @@ class AGD(torch.optim.Optimizer):
         """The small pieces (under FLAT_MAX_NUMEL elements for the device, Frobenius/RMS/follow/sign, one
         dtype) are served by one flat buffer: a fixed handful of ops for all of them, however
         many tensors the model has (the host-bound case: deep, narrow models). Sign pieces come
-        last so their elements are one contiguous tail. Cached per piece layout."""
+        last so their elements are one contiguous tail. Built once per step layout."""
         limit = FLAT_MAX_NUMEL.get(torch.device(device).type, FLAT_MAX_NUMEL["cuda"])
         small = [k for k, (si, w, g, _) in enumerate(pieces)
                  if g is not None and g.numel() < limit and g.dtype == w.dtype
@@ -356,42 +356,35 @@ class AGD(torch.optim.Optimizer):
         if len(small) < 2:  # (flattening one tensor would give a view of the gradient, not a copy)
             return None
         small.sort(key=lambda k: self.segments[pieces[k][0]]["norm"] == "sign")
-        key = (tuple((pieces[k][0], pieces[k][2].numel()) for k in small), device, dtype)
-        cache = self.__dict__.setdefault("_flat_cache", {})
-        if key not in cache:
-            if len(cache) > 8:
-                cache.clear()
-            segs = [self.segments[pieces[k][0]] for k in small]
-            sizes = [pieces[k][2].numel() for k in small]
-            n_sign = sum(1 for seg in segs if seg["norm"] == "sign")
+        segs = [self.segments[pieces[k][0]] for k in small]
+        sizes = [pieces[k][2].numel() for k in small]
+        n_sign = sum(1 for seg in segs if seg["norm"] == "sign")
 
-            def t(x):
-                return torch.tensor(x, dtype=torch.long, device=device)
+        def t(x):
+            return torch.tensor(x, dtype=torch.long, device=device)
 
-            plan = dict(
-                sizes=sizes, total=sum(sizes), lens=t(sizes), sq_slot=t([seg["sq"] for seg in segs]),
-                comp=t([seg["comp"] for seg in segs]), sign_start=sum(sizes[: len(sizes) - n_sign]),
-                sign_lens=t(sizes[len(sizes) - n_sign :]),
-                sign_slots=t([seg["abs"] for seg in segs if seg["norm"] == "sign"]
-                             + [seg["nnz"] for seg in segs if seg["norm"] == "sign"]),
+        plan = dict(
+            pieces=small, sizes=sizes, total=sum(sizes), lens=t(sizes), sq_slot=t([seg["sq"] for seg in segs]),
+            comp=t([seg["comp"] for seg in segs]), sign_start=sum(sizes[: len(sizes) - n_sign]),
+            sign_lens=t(sizes[len(sizes) - n_sign :]),
+            sign_slots=t([seg["abs"] for seg in segs if seg["norm"] == "sign"]
+                         + [seg["nnz"] for seg in segs if seg["norm"] == "sign"]),
+        )
+        if SYNC_FREE_SEGMENTS.get(torch.device(device).type, False):
+            # Segment bounds (into fp64 prefix sums) and each element's component (see
+            # SYNC_FREE_SEGMENTS).
+            ends = list(itertools.accumulate(sizes))
+            tail_ends = [e - plan["sign_start"] for e in ends[len(sizes) - n_sign :]]
+            plan.update(
+                bounds=(t([0] + ends[:-1]), t(ends)),
+                sign_bounds=(t([0] + tail_ends[:-1]), t(tail_ends)),
+                elem_comp=t([seg["comp"] for seg, n in zip(segs, sizes) for _ in range(n)]),
             )
-            if SYNC_FREE_SEGMENTS.get(torch.device(device).type, False):
-                # Segment bounds (into fp64 prefix sums) and each element's component (see
-                # SYNC_FREE_SEGMENTS).
-                ends = list(itertools.accumulate(sizes))
-                tail_ends = [e - plan["sign_start"] for e in ends[len(sizes) - n_sign :]]
-                plan.update(
-                    bounds=(t([0] + ends[:-1]), t(ends)),
-                    sign_bounds=(t([0] + tail_ends[:-1]), t(tail_ends)),
-                    elem_comp=t([seg["comp"] for seg, n in zip(segs, sizes) for _ in range(n)]),
-                )
-            cache[key] = plan
-        return dict(cache[key], pieces=small)
+        return plan
 
-    def _local_sums(self, pieces, device) -> torch.Tensor:
+    def _local_sums(self, pieces, lay: dict, device) -> torch.Tensor:
         acc = self.acc_dtype
         vec = torch.zeros(self.n_slots, dtype=acc, device=device)
-        lay = self._step_layout(pieces, device)
         plan = lay["flat"]
         self._flat_step = None
         if plan is not None:  # (a) for every small piece at once
@@ -469,7 +462,7 @@ class AGD(torch.optim.Optimizer):
         return dict(eta=eta, G=G, finite=finite, contributions=layer_contrib, component_contributions=contrib,
                     comp_scale=comp_scale, sign_scale=sign_scale, row_scale=row_scale, vec=vec)
 
-    def _apply(self, pieces, d: dict, directions: dict | None = None) -> None:
+    def _apply(self, pieces, lay: dict, d: dict, directions: dict | None = None) -> None:
         if self._flat_step is not None:  # (c) for every small piece at once
             plan, flat = self._flat_step
             flat.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # see the guard below
@@ -498,7 +491,6 @@ class AGD(torch.optim.Optimizer):
         # the step. On an accelerator that costs one more read and write of each gradient every
         # step (knowing whether the step is skipped would be a host sync); on the CPU reading the
         # flag is free, so the pass runs only on a skipped step.
-        lay = self._step_layout(pieces, d["comp_scale"].device)
         if not on_cpu or not bool(d["finite"]):
             for k in lay["guarded"]:
                 pieces[k][2].nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
@@ -543,11 +535,12 @@ class AGD(torch.optim.Optimizer):
         pieces = self._gather_pieces(averages)  # (a) local partial sums
         if self._w0_sq is None and self._w0_local is None:  # reduced at the first log_metrics (a collective)
             self._w0_local = self._weight_norms_sq(pieces, device, reduce=False)
-        vec = self._local_sums(pieces, device)
+        lay = self._step_layout(pieces, device)
+        vec = self._local_sums(pieces, lay, device)
         vec = self.binding.reduce(vec)  # (b) one reduction
         spectral, directions = self._spectral_directions(pieces) if self._spectral else (None, None)
         d = self._derive(vec, gain, spectral)  # (c) eta, normalisers, in-place updates
-        self._apply(pieces, d, directions)
+        self._apply(pieces, lay, d, directions)
         if directions:
             d["direction_sq"] = self._direction_sq
         if self._momentum is not None:
