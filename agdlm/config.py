@@ -220,6 +220,11 @@ def _deep_merge(dst: dict, src: dict) -> None:
             dst[k] = v
 
 
+def split_config_items(items: list[str]) -> tuple[list[str], list[str]]:
+    """A command line's CONFIG files and section.key=value overrides, each in the given order."""
+    return [a for a in items if "=" not in a], [a for a in items if "=" in a]
+
+
 def parse_override(arg: str) -> tuple[str, Any]:
     if "=" not in arg:
         raise ConfigError(f"override {arg!r} is not of the form section.key=value")

@@ -26,7 +26,8 @@ from agdlm.checkpoint import (
     resume_candidates, set_aside,
     write_json,
 )
-from agdlm.config import Config, ConfigError, build_config, config_to_yaml, load_config, read_yaml_mapping, section_help
+from agdlm.config import (Config, ConfigError, build_config, config_to_yaml, load_config, read_yaml_mapping,
+                          section_help, split_config_items)
 from agdlm.data import DataSourceError, build_data, encoding_for, merge_states
 from agdlm.metrics import MetricsFileError, build_metrics, memory_stats, metrics_lines, peak_flops, roll_back_metrics
 from agdlm.model import GPT
@@ -536,8 +537,7 @@ def parse_args(argv: list[str]) -> tuple[list[str], list[str]]:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("items", nargs="*", metavar="CONFIG | section.key=value")
-    items = parser.parse_args(argv).items
-    return [a for a in items if "=" not in a], [a for a in items if "=" in a]
+    return split_config_items(parser.parse_args(argv).items)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ import torch
 
 
 def main(argv: list[str] | None = None) -> int:
-    from agdlm.config import ConfigError, load_config, section_help
+    from agdlm.config import ConfigError, load_config, section_help, split_config_items
     from agdlm.model import GPT
     from agdlm.optim import AGD, format_layer_table
     from agdlm.optim.rules import RuleError
@@ -23,8 +23,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="config files (default: demo.yaml), then overrides")
     ap.add_argument("--policy", default=None, help="override optim.policy")
     args = ap.parse_args(argv)
-    files = [a for a in args.items if "=" not in a]
-    overrides = [a for a in args.items if "=" in a]
+    files, overrides = split_config_items(args.items)
     try:
         cfg = load_config(files or None, overrides)
         with torch.device("meta"):
