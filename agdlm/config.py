@@ -35,6 +35,7 @@ class OptimConfig:
     init: str = "default"  # default: the optimiser's init (AGD's init_weights); keep: the weights as they start (model.init_from)
     variant: str = "none"  # AGD study variants on top of a policy (README "AGD variants"); none = faithful
     gain: float = 1.0  # AGD: not a learning rate; kept for experiments
+    compile: bool = False  # AGD: torch.compile its step's scale arithmetic and updates (GPU launches; AdamW is fused already)
     lr: float = 6e-4  # AdamW from here on
     min_lr: float | None = None  # None: lr / 10, as nanoGPT decays GPT-2's AdamW
     warmup_steps: int = 100

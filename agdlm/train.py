@@ -41,6 +41,7 @@ from agdlm import provenance
 # different experiment. Other train.* and log.* keys may change (e.g. a longer max_steps for AGD);
 # parallel.* may change while the checkpoint layout stays the same.
 RESUME_MUST_MATCH = ("model", "optim", "data", "train.global_batch_size")
+RESUME_MAY_CHANGE = ("optim.compile",)  # how the step runs, not what it computes
 OPTIMISER_STEP_NAME = {"agd": "AGD.step", "adamw": "AdamW.step"}
 
 
@@ -68,7 +69,8 @@ def make_optimizer_factory(cfg: Config, device_type: str):
         if cfg.optim.name == "agd":
             from agdlm.optim.agd import AGD
 
-            return AGD(model, policy=cfg.optim.policy, gain=cfg.optim.gain, variant=cfg.optim.variant)
+            return AGD(model, policy=cfg.optim.policy, gain=cfg.optim.gain, variant=cfg.optim.variant,
+                       compile=cfg.optim.compile)
         from agdlm.optim.adamw import build_adamw
 
         return build_adamw(model, cfg.optim, device_type)
@@ -124,7 +126,7 @@ def check_resume_compatible(cfg: Config, run_dir: Path) -> None:
     for item in RESUME_MUST_MATCH:
         section, _, key = item.partition(".")
         for k in [key] if key else now[section]:
-            if saved[section][k] != now[section][k]:
+            if saved[section][k] != now[section][k] and f"{section}.{k}" not in RESUME_MAY_CHANGE:
                 diffs.append(f"{section}.{k}: {saved[section][k]!r} -> {now[section][k]!r}")
     if cfg.optim.name == "adamw" and cfg.optim.lr_decay_steps is None and saved_cfg.total_steps() != cfg.total_steps():
         diffs.append(f"AdamW's cosine horizon (train.max_steps/max_tokens): {saved_cfg.total_steps()} -> "

@@ -3,7 +3,8 @@
 # ZeRO 1/2/3, a few steps each (GPT-2-124M shape on the built-in demo corpus, no
 # download); prints tokens/s, MFU and peak memory per backend, and fails loudly. First, one
 # AGD step at GPT-2-1.5B shapes under torch.cuda.set_sync_debug_mode("error") (any host
-# sync raises), with its CUDA kernel count and time against fused AdamW.
+# sync raises), with its CUDA kernel count and time against fused AdamW, eager and with
+# optim.compile (the step's scales and updates through torch.compile).
 #
 #   launch/gpu_smoke.sh                 # all GPUs of this node
 #   NPROC=2 STEPS=10 launch/gpu_smoke.sh
@@ -38,7 +39,7 @@ run() {  # name, overrides...
 }
 if [[ "${SMOKE_CPU:-0}" != "1" ]]; then
   echo "=== AGD step at GPT-2-1.5B shapes: no host sync, kernels, time vs fused AdamW ==="
-  "$PYTHON" -m agdlm bench optim --cases gpt2-1.5b --sync-check --repeats 5
+  "$PYTHON" -m agdlm bench optim --cases gpt2-124m,gpt2-1.5b --sync-check --compile --repeats 5
 fi
 run fsdp2 parallel.backend=fsdp2
 run zero1 parallel.backend=deepspeed parallel.zero_stage=1

@@ -73,6 +73,10 @@ CASES = {
                                     "optim.variant=spectral_momentum"],
     "zero3-agd-spectral_momentum": ["parallel.backend=deepspeed", "parallel.zero_stage=3", "optim.name=agd",
                                     "optim.variant=spectral_momentum"],
+    # optim.compile: the step's scales and updates through torch.compile on sharded pieces
+    "fsdp2-agd-compile": ["parallel.backend=fsdp2", "optim.name=agd", "optim.compile=true"],
+    "zero2-agd-compile": ["parallel.backend=deepspeed", "parallel.zero_stage=2", "optim.name=agd", "optim.compile=true"],
+    "zero3-agd-compile": ["parallel.backend=deepspeed", "parallel.zero_stage=3", "optim.name=agd", "optim.compile=true"],
     "zero3-agd-modular-untied-ac": ["parallel.backend=deepspeed", "parallel.zero_stage=3", "optim.name=agd",
                                     "optim.policy=modular", "model.tie_embeddings=false",
                                     "model.activation_checkpointing=true"],
@@ -174,6 +178,20 @@ CASE_OVERRIDES: list[str] = []
 
 
 def run_case(name: str, overrides: list[str], env: DistEnv, tmp: Path) -> dict:
+    from agdlm.optim import agd
+
+    cfg = load_config(None, [*TINY, *overrides])
+    # optim.compile: every piece through the compiled per-tensor update (this tiny model's
+    # shards would otherwise all share the eager small-piece flat buffer)
+    limit = agd.FLAT_MAX_NUMEL["cpu"]
+    agd.FLAT_MAX_NUMEL["cpu"] = 1 if cfg.optim.compile else limit
+    try:
+        return run_case_in(name, overrides, env, tmp)
+    finally:
+        agd.FLAT_MAX_NUMEL["cpu"] = limit
+
+
+def run_case_in(name: str, overrides: list[str], env: DistEnv, tmp: Path) -> dict:
     global CASE_OVERRIDES
     CASE_OVERRIDES = overrides
     cfg = load_config(None, [*TINY, *overrides])
@@ -201,6 +219,7 @@ def run_case(name: str, overrides: list[str], env: DistEnv, tmp: Path) -> dict:
             counter.remove()
     if cfg.optim.name == "agd":
         metrics = backend.optimizer.log_metrics()  # a collective on sharded bindings: all ranks
+        compiled = backend.optimizer.compiled
     full = backend.full_state_dict()
     del backend
     resumed = build(cfg, env, initial_weights(load_config(None, [*TINY, *overrides, "optim.name=adamw"])))  # other init
@@ -225,11 +244,14 @@ def run_case(name: str, overrides: list[str], env: DistEnv, tmp: Path) -> dict:
         }
         if cfg.optim.name == "agd":
             result["agd_eta"] = metrics["agd_eta"]
+            # graphs compiled in this process so far (a later case may reuse an earlier one's)
+            result["compiled"] = [compiled, torch._dynamo.utils.counters["stats"]["unique_graphs"]]
     env.barrier()
     return result
 
 
 def worker(rank: int, world_size: int, port: int, out: str, only: list[str] | None) -> None:
+    torch._dynamo.config.fail_on_recompile_limit_hit = True  # optim.compile cases: never a silent eager fallback
     env = join_group(rank, world_size, port)
     tmp = Path(out).parent / "ckpt"
     cases = {name: o for name, o in CASES.items() if not only or name in only}

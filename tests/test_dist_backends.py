@@ -6,6 +6,7 @@
   fsdp2 (1x2), HSDP (replicate 2 x shard 1), DeepSpeed ZeRO 1, 2, 3; extra AGD cases with
   the `modular` policy (q/k/v blocks, embedding rows split across shards) and activation
   checkpointing;
+- `optim.compile=true` on FSDP2 and ZeRO-2/3: the compiled step on sharded pieces, same check;
 - a checkpoint written after step 2 and loaded by a fresh backend reproduces step 3;
 - on FSDP2 the AGD step issues exactly one collective, an all_reduce, and the backward
   issues the same collectives as AdamW's."""
@@ -35,6 +36,13 @@ def test_matches_single_process(results, case):
     # reduced gradient (another summation order) about 20x; measured 4e-6..7.3e-6
     tol = 2e-5 if "spectral" in case else 1e-5
     assert r["rel_err"] < tol, r["worst"]
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.endswith("-compile")])
+def test_compiled_agd_step_ran_compiled(results, case):
+    # the optimiser compiled its step (the worker turns dynamo's silent eager fallback into an
+    # error), so the equality above holds for the compiled step on sharded pieces
+    assert results[case]["compiled"][0] is True and results[case]["compiled"][1] >= 2
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -99,7 +99,8 @@ def time_interleaved(steps: dict, device, warmup: int, repeats: int) -> dict[str
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def bench_case(name: str, shapes: dict, device, warmup: int, repeats: int, sync_check: bool = False) -> dict:
+def bench_case(name: str, shapes: dict, device, warmup: int, repeats: int, sync_check: bool = False,
+               compiled: bool = False) -> dict:
     from agdlm.model import GPT, GPTConfig
     from agdlm.optim import AGD
 
@@ -124,7 +125,22 @@ def bench_case(name: str, shapes: dict, device, warmup: int, repeats: int, sync_
     agd.step()  # the first step builds its caches (index tensors copied to the device once)
     if sync_check:
         check_no_host_sync(agd.step)
-    med = time_interleaved({"agd": agd.step, "adamw": adam.step}, device, warmup, repeats)
+    steps = {"agd": agd.step, "adamw": adam.step}
+    comp = None
+    if compiled:  # AGD(compile=True) on a third copy: its first step compiles
+        agd_c = AGD(make(), compile=True)
+        _sync(device)
+        t0 = time.perf_counter()
+        agd_c.step()
+        _sync(device)
+        comp = dict(compile_s=time.perf_counter() - t0)
+        if sync_check:
+            check_no_host_sync(agd_c.step)
+        steps["agd_compiled"] = agd_c.step
+    med = time_interleaved(steps, device, warmup, repeats)
+    if comp is not None:
+        comp.update(ms=med["agd_compiled"] * 1e3, ratio=med["agd_compiled"] / med["adamw"],
+                    ops=count_ops(agd_c.step)[1], kernels=cuda_kernels(agd_c.step) if device.type == "cuda" else None)
     ops, compute = count_ops(agd.step)
     adam_ops, adam_compute = count_ops(adam.step)
     t0 = time.perf_counter()
@@ -133,7 +149,7 @@ def bench_case(name: str, shapes: dict, device, warmup: int, repeats: int, sync_
     log_s = (time.perf_counter() - t0) / 3
     params = list(m_agd.parameters())
     kernels = (cuda_kernels(agd.step), cuda_kernels(adam.step)) if device.type == "cuda" else None
-    return dict(case=name, kernels=kernels, tensors=len(params), params=sum(p.numel() for p in params), kind=kind,
+    return dict(case=name, kernels=kernels, compiled=comp, tensors=len(params), params=sum(p.numel() for p in params), kind=kind,
                 agd_ms=med["agd"] * 1e3, adamw_ms=med["adamw"] * 1e3, ratio=med["agd"] / med["adamw"],
                 ops=ops, compute_ops=compute, adamw_ops=adam_ops, adamw_compute_ops=adam_compute,
                 log_metrics_ms=log_s * 1e3, bytes_per_param=next(m_agd.parameters()).element_size())
@@ -228,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cases", default=",".join(DEFAULT_CASES), help=f"comma-separated, of: {', '.join(CASES)}")
     ap.add_argument("--sync-check", action="store_true",
                     help="CUDA: run one AGD step under torch.cuda.set_sync_debug_mode('error') first (raises on any host sync)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time AGD(compile=True) (optim.compile: the step's scales and updates through torch.compile)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     ap.add_argument("--sharded", action="store_true",
                     help="also time the AGD step through the FSDP2 and ZeRO-2 bindings on 2 gloo CPU ranks")
@@ -246,13 +264,19 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         if args.sync_check and device.type != "cuda":
             ap.error("--sync-check needs a CUDA device")
-        r = bench_case(name, CASES[name], device, args.warmup, args.repeats, args.sync_check)
+        r = bench_case(name, CASES[name], device, args.warmup, args.repeats, args.sync_check, args.compile)
         print(f"{r['case']:<11} {r['tensors']:>7} {r['params']:>12,} {r['agd_ms']:>8.2f} {r['adamw_ms']:>9.2f} "
               f"{r['ratio']:>6.2f} {r['ops']:>8} {r['ops'] / r['tensors']:>10.2f} "
               f"{r['compute_ops'] / r['tensors']:>14.2f} {r['adamw_ops']:>9} {r['log_metrics_ms']:>14.1f}")
         if r["kernels"]:
             print(f"{'':<11} CUDA kernels per step: AGD {r['kernels'][0]}, AdamW {r['kernels'][1]}"
                   + ("; no host sync in the AGD step" if args.sync_check else ""))
+        c = r["compiled"]
+        if c:
+            print(f"{'':<11} compiled AGD: {c['ms']:.2f} ms, ratio {c['ratio']:.2f}, {c['ops']} compute ops"
+                  + (f", {c['kernels']} CUDA kernels" if c["kernels"] else "")
+                  + f" per step; first step (compiling) {c['compile_s']:.1f} s"
+                  + ("; no host sync" if args.sync_check else ""))
     print("AdamW: torch.optim.AdamW (fused where available). ratio = AGD / AdamW step time.")
     if args.sharded:
         bench_sharded(max(args.repeats, 15))

@@ -99,6 +99,44 @@ def _rsqrt_or_zero(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > 0, x.clamp_min(torch.finfo(x.dtype).tiny).rsqrt(), torch.zeros_like(x))
 
 
+def derive_step(vec: torch.Tensor, t: dict, gain: float, L: float, n_layers: int,
+                spectral_idx: torch.Tensor | None = None, spectral_duals: torch.Tensor | None = None) -> dict:
+    """Stage (c)'s arithmetic on the reduced vector: G, eta and every scale (t: the
+    optimiser's static index tensors). Pure tensor code, so `AGD(compile=True)` can fuse it."""
+    acc, nc = vec.dtype, t["norm_coef"].numel()
+    comp_ss = torch.zeros(nc, dtype=acc, device=vec.device).index_add_(0, t["sq_comp"], vec[t["sq_slot"]])
+    comp_abs = torch.zeros_like(comp_ss).index_add_(0, t["sign_comp"], vec[t["sign_abs"]])
+    row_ss = vec[t["row_slot"]]
+    rows_sum = torch.zeros_like(comp_ss).index_add_(0, t["row_comp"], row_ss.sqrt())
+    dual = t["sqrt_mask"] * comp_ss.sqrt() + comp_abs + rows_sum
+    if spectral_idx is not None:  # the variant's dual term <g, O> replaces the Frobenius norm
+        dual = dual.index_copy(0, spectral_idx, spectral_duals.to(acc))
+    contrib = t["dual_coef"] * dual / L  # each component's share of G
+    G = contrib.sum()
+    finite = torch.isfinite(G)
+    eta = torch.where(finite, eta_from_G(G), torch.zeros_like(G))  # a skipped step moves nothing
+    step = gain * eta / L
+    comp_scale = -step * t["norm_coef"] * _rsqrt_or_zero(comp_ss[t["ss_src"]])
+    if spectral_idx is not None:  # the step is s * O, and O is already unit-scaled
+        comp_scale = comp_scale.index_copy(0, spectral_idx, -step * t["norm_coef"][spectral_idx])
+    sign_scale = -step * t["norm_coef"]
+    row_scale = -step * t["norm_coef"][t["row_comp"]] * _rsqrt_or_zero(row_ss)
+    layer_contrib = torch.zeros(n_layers, dtype=acc, device=vec.device).index_add_(0, t["comp_layer"], contrib)
+    return dict(eta=eta, G=G, finite=finite, contributions=layer_contrib, component_contributions=contrib,
+                comp_scale=comp_scale, sign_scale=sign_scale, row_scale=row_scale)
+
+
+def guarded_update(ws: list, gs: list, comp_scale: torch.Tensor, sign_scale: torch.Tensor,
+                   comps: tuple[int, ...], is_sign: tuple[bool, ...]) -> None:
+    """w += scale * g (sign parts: scale * sign(g)), reading g's non-finite entries as 0 so
+    that a skipped step (scale 0) leaves w bitwise untouched. Eager, that guard is a pass of
+    its own over every gradient; under torch.compile each tensor's update is one pass
+    (read w and g, write w): the byte floor. Gradients are left as they are."""
+    for w, g, ci, sign in zip(ws, gs, comps, is_sign):
+        x = torch.where(torch.isfinite(g), g, 0.0)
+        w.add_(x.sign() * sign_scale[ci] if sign else x * comp_scale[ci])
+
+
 # ---- the optimiser -----------------------------------------------------------------------
 
 class AGD(torch.optim.Optimizer):
@@ -109,7 +147,8 @@ class AGD(torch.optim.Optimizer):
     to G and the reduced vector; ``log_metrics()`` gives floats for the trainer.
     """
 
-    def __init__(self, model: torch.nn.Module, policy: str = "default", gain: float = 1.0, variant: str = "none"):
+    def __init__(self, model: torch.nn.Module, policy: str = "default", gain: float = 1.0, variant: str = "none",
+                 compile: bool = False):
         if gain <= 0:
             raise ValueError(f"AGD gain={gain} must be positive")
         check_variant(variant)
@@ -139,6 +178,11 @@ class AGD(torch.optim.Optimizer):
         self.skipped_steps = torch.zeros((), dtype=torch.long, device=device)
         self._w0_sq: torch.Tensor | None = None  # per-part ||W||^2 before the first step
         self._w0_local: torch.Tensor | None = None  # its local partial sums, before the reduce
+        # compile: stage (c) through torch.compile (the derive stage's ~40 small ops and the
+        # per-tensor guarded updates fused into a few kernels; see COMPILED below)
+        self.compiled = bool(compile)
+        self._derive_fn = torch.compile(derive_step, fullgraph=True, dynamic=False) if compile else derive_step
+        self._update_fn = torch.compile(guarded_update, fullgraph=True, dynamic=False) if compile else None
 
     # ---- static layout ------------------------------------------------------------------
     def _signature(self) -> list[str]:
@@ -378,7 +422,7 @@ class AGD(torch.optim.Optimizer):
             plan.update(
                 bounds=(t([0] + ends[:-1]), t(ends)),
                 sign_bounds=(t([0] + tail_ends[:-1]), t(tail_ends)),
-                elem_comp=t([seg["comp"] for seg, n in zip(segs, sizes) for _ in range(n)]),
+                elem_comp=plan["comp"].repeat_interleave(plan["lens"], output_size=plan["total"]),
             )
         return plan
 
@@ -438,29 +482,13 @@ class AGD(torch.optim.Optimizer):
     # ---- stage (c) ----------------------------------------------------------------------
     def _derive(self, vec: torch.Tensor, gain: float, spectral: dict | None = None) -> dict:
         t = self._static_tensors(vec.device)
-        acc, nc = self.acc_dtype, len(self.plan.components)
-        comp_ss = torch.zeros(nc, dtype=acc, device=vec.device).index_add_(0, t["sq_comp"], vec[t["sq_slot"]])
-        comp_abs = torch.zeros_like(comp_ss).index_add_(0, t["sign_comp"], vec[t["sign_abs"]])
-        row_ss = vec[t["row_slot"]]
-        rows_sum = torch.zeros_like(comp_ss).index_add_(0, t["row_comp"], row_ss.sqrt())
-        dual = t["sqrt_mask"] * comp_ss.sqrt() + comp_abs + rows_sum
+        idx = duals = None
         if spectral:  # orthogonalised directions: the dual term is <g, O>, the step is s * O
             idx = self._index(tuple(spectral), vec.device)
-            dual = dual.index_copy(0, idx, torch.stack(list(spectral.values())).to(acc))
-        contrib = t["dual_coef"] * dual / self.L  # each component's share of G
-        G = contrib.sum()
-        finite = torch.isfinite(G)
-        eta = torch.where(finite, eta_from_G(G), torch.zeros_like(G))  # a skipped step moves nothing
-        step = gain * eta / self.L
-        comp_scale = -step * t["norm_coef"] * _rsqrt_or_zero(comp_ss[t["ss_src"]])
-        if spectral:
-            comp_scale = comp_scale.index_copy(0, idx, -step * t["norm_coef"][idx])
-        sign_scale = -step * t["norm_coef"]
-        row_scale = -step * t["norm_coef"][t["row_comp"]] * _rsqrt_or_zero(row_ss)
-        layer_contrib = torch.zeros(len(self.plan.layers), dtype=acc, device=vec.device)
-        layer_contrib.index_add_(0, t["comp_layer"], contrib)
-        return dict(eta=eta, G=G, finite=finite, contributions=layer_contrib, component_contributions=contrib,
-                    comp_scale=comp_scale, sign_scale=sign_scale, row_scale=row_scale, vec=vec)
+            duals = torch.stack(list(spectral.values()))
+        d = self._derive_fn(vec, t, gain, self.L, len(self.plan.layers), idx, duals)
+        d["vec"] = vec
+        return d
 
     def _apply(self, pieces, lay: dict, d: dict, directions: dict | None = None) -> None:
         if self._flat_step is not None:  # (c) for every small piece at once
@@ -491,11 +519,23 @@ class AGD(torch.optim.Optimizer):
         # the step. On an accelerator that costs one more read and write of each gradient every
         # step (knowing whether the step is skipped would be a host sync); on the CPU reading the
         # flag is free, so the pass runs only on a skipped step.
+        scaled = lay["scaled"]
+        if self._update_fn is not None:  # compiled: the guard is inside the update's one pass
+            fused = [e for e in scaled if directions is None or e[0] not in directions]
+            if fused:
+                self._update_fn([pieces[k][1] for k, _, _ in fused], [pieces[k][2] for k, _, _ in fused],
+                                d["comp_scale"], d["sign_scale"], tuple(ci for _, ci, _ in fused),
+                                tuple(s for _, _, s in fused))
+            scaled = [e for e in scaled if directions is not None and e[0] in directions]
+            guarded = lay["rows"]
+        else:
+            guarded = lay["guarded"]
         if not on_cpu or not bool(d["finite"]):
-            for k in lay["guarded"]:
+            for k in guarded:
                 pieces[k][2].nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-        signs = dict(zip(lay["signs"], torch._foreach_sign([pieces[k][2] for k in lay["signs"]]))) if lay["signs"] else {}
-        for k, ci, is_sign in lay["scaled"]:
+        signs = dict(zip(lay["signs"], torch._foreach_sign([pieces[k][2] for k in lay["signs"]]))) \
+            if lay["signs"] and self._update_fn is None else {}
+        for k, ci, is_sign in scaled:
             _, w, g, _ = pieces[k]
             if directions is not None and k in directions:
                 w.add_(directions[k].view_as(w).nan_to_num() * comp_scale[ci])
