@@ -52,7 +52,9 @@ needed only by the momentum variants):
 The piece layout may change between steps (it is re-read each step and the index plan is
 rebuilt when it changes). `LocalBinding` (whole local tensors + identity reduce) is the
 default; `opt.bind(binding)` swaps it after a backend has wrapped the model. The step never
-calls ``.item()``: eta stays a 0-dim tensor, so there is no host sync on GPU.
+calls ``.item()``: eta stays a 0-dim tensor, so there is no host sync on GPU. With
+``AGD(compile=True)`` stage (c) runs through torch.compile: `derive_step` (the eager code
+itself) and `guarded_update` (checked against the eager update in tests/test_agd_compile.py).
 `log_metrics()` calls ``binding.reduce`` too (for the weight norms), so on a sharded binding
 every rank must call them (they are collectives, like the step).
 """
@@ -178,8 +180,8 @@ class AGD(torch.optim.Optimizer):
         self.skipped_steps = torch.zeros((), dtype=torch.long, device=device)
         self._w0_sq: torch.Tensor | None = None  # per-part ||W||^2 before the first step
         self._w0_local: torch.Tensor | None = None  # its local partial sums, before the reduce
-        # compile: stage (c) through torch.compile (the derive stage's ~40 small ops and the
-        # per-tensor guarded updates fused into a few kernels; see COMPILED below)
+        # compile (optim.compile): stage (c) through torch.compile, for GPUs: derive_step's ~40
+        # small ops fused, and guarded_update's one pass per tensor instead of guard + update
         self.compiled = bool(compile)
         self._derive_fn = torch.compile(derive_step, fullgraph=True, dynamic=False) if compile else derive_step
         self._update_fn = torch.compile(guarded_update, fullgraph=True, dynamic=False) if compile else None
