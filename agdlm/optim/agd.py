@@ -537,12 +537,20 @@ class AGD(torch.optim.Optimizer):
                 pieces[k][2].nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
         signs = dict(zip(lay["signs"], torch._foreach_sign([pieces[k][2] for k in lay["signs"]]))) \
             if lay["signs"] and self._update_fn is None else {}
+        if on_cpu and scaled:  # one multi-tensor op for all: w + g * s * 1, s a Python float
+            plain = [e for e in scaled if directions is None or e[0] not in directions]
+            if plain:
+                by = [signs[k] if is_sign else pieces[k][2] for k, _, is_sign in plain]
+                torch._foreach_addcmul_([pieces[k][1] for k, _, _ in plain], by, self._ones_like(lay, by),
+                                        [sign_scale[ci] if is_sign else comp_scale[ci] for _, ci, is_sign in plain])
+            if len(plain) < len(scaled):
+                scaled = [e for e in scaled if e[0] in directions]
+            else:
+                scaled = []
         for k, ci, is_sign in scaled:
             _, w, g, _ = pieces[k]
             if directions is not None and k in directions:
                 w.add_(directions[k].view_as(w).nan_to_num() * comp_scale[ci])
-            elif on_cpu:
-                w.add_(signs[k] if is_sign else g, alpha=sign_scale[ci] if is_sign else comp_scale[ci])
             else:
                 w.addcmul_(signs[k] if is_sign else g, sign_scale[ci] if is_sign else comp_scale[ci])
         for k in lay["rows"]:
@@ -552,6 +560,17 @@ class AGD(torch.optim.Optimizer):
                 sl = slice(pos, pos + n * width)
                 w[sl].view(n, width).addcmul_(g[sl].view(n, width), row_scale[base + r : base + r + n, None].to(w.dtype))
         # frozen: nothing
+
+    @staticmethod
+    def _ones_like(lay: dict, tensors: list) -> list:
+        """Ones broadcast to each tensor's shape (views of one 0-dim tensor, cached in the step
+        layout): the constant factor that turns _foreach_addcmul_ into w + s * g per tensor."""
+        key = (tuple(t.shape for t in tensors), tensors[0].dtype)
+        cached = lay.get("ones")
+        if cached is None or cached[0] != key:
+            one = torch.ones((), dtype=tensors[0].dtype, device=tensors[0].device)
+            cached = lay["ones"] = (key, [one.expand_as(t) for t in tensors])
+        return cached[1]
 
     def _row_scale_offsets(self) -> dict[int, int]:
         if not hasattr(self, "_row_offsets"):
