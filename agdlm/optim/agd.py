@@ -508,8 +508,8 @@ class AGD(torch.optim.Optimizer):
             torch._foreach_add_(ws, torch._C._nn.unflatten_dense_tensors(flat, ws))
             self._flat_step = None
         # Per-component scales: 0-dim device tensors on an accelerator (no host sync); on the CPU
-        # Python floats (free to read there, and unbinding hundreds of 0-dim tensors is not).
-        # w + g * s either way: the same rounding.
+        # Python floats (free to read there, and they let one _foreach_addcmul_ update every
+        # tensor; on CUDA a float list would be a host sync).
         on_cpu = d["comp_scale"].device.type == "cpu"
         if on_cpu:
             comp_scale, sign_scale = d["comp_scale"].tolist(), d["sign_scale"].tolist()
