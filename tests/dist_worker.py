@@ -182,19 +182,22 @@ def run_case(name: str, overrides: list[str], env: DistEnv, tmp: Path) -> dict:
 
     cfg = load_config(None, [*TINY, *overrides])
     # optim.compile: every piece through the compiled per-tensor update (this tiny model's
-    # shards would otherwise all share the eager small-piece flat buffer)
+    # shards would otherwise all share the eager small-piece flat buffer), compiled afresh
+    # for this case, so its graph count says that this case's steps ran compiled
     limit = agd.FLAT_MAX_NUMEL["cpu"]
     agd.FLAT_MAX_NUMEL["cpu"] = 1 if cfg.optim.compile else limit
+    if cfg.optim.compile:
+        torch._dynamo.reset()
     try:
-        return run_case_in(name, overrides, env, tmp)
+        return run_case_in(name, cfg, overrides, env, tmp)
     finally:
         agd.FLAT_MAX_NUMEL["cpu"] = limit
 
 
-def run_case_in(name: str, overrides: list[str], env: DistEnv, tmp: Path) -> dict:
+def run_case_in(name: str, cfg, overrides: list[str], env: DistEnv, tmp: Path) -> dict:
     global CASE_OVERRIDES
     CASE_OVERRIDES = overrides
-    cfg = load_config(None, [*TINY, *overrides])
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     init = initial_weights(cfg)
     counter = CollectiveCounter() if cfg.parallel.backend == "fsdp2" else None
     try:
@@ -219,7 +222,7 @@ def run_case_in(name: str, overrides: list[str], env: DistEnv, tmp: Path) -> dic
             counter.remove()
     if cfg.optim.name == "agd":
         metrics = backend.optimizer.log_metrics()  # a collective on sharded bindings: all ranks
-        compiled = backend.optimizer.compiled
+        compiled = [backend.optimizer.compiled, torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs]
     full = backend.full_state_dict()
     del backend
     resumed = build(cfg, env, initial_weights(load_config(None, [*TINY, *overrides, "optim.name=adamw"])))  # other init
@@ -244,8 +247,7 @@ def run_case_in(name: str, overrides: list[str], env: DistEnv, tmp: Path) -> dic
         }
         if cfg.optim.name == "agd":
             result["agd_eta"] = metrics["agd_eta"]
-            # graphs compiled in this process so far (a later case may reuse an earlier one's)
-            result["compiled"] = [compiled, torch._dynamo.utils.counters["stats"]["unique_graphs"]]
+            result["compiled"] = compiled  # the flag, and the graphs its 3 steps compiled
     env.barrier()
     return result
 

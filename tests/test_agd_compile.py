@@ -58,6 +58,7 @@ def test_compiled_step_matches_the_eager_step(case, no_flat_buffer):
     eager.step()
     comp.step()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= graphs + 2  # derive + update really compiled
+    assert not torch._dynamo.utils.counters["graph_break"]  # each one whole graph
     moved = 0
     for (name, pe), pc in zip(eager_m.named_parameters(), comp_m.parameters()):
         due, got = pe.detach() - before[name], pc.detach() - before[name]
@@ -78,15 +79,21 @@ def test_compiled_step_matches_the_eager_step(case, no_flat_buffer):
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
-def test_compiled_skipped_step_leaves_weights_bitwise(bad, no_flat_buffer):
+@pytest.mark.parametrize("case, where", [
+    ("default-bias", "transformer.h.0.attn.c_attn.weight"),  # a matrix with its bias: the compiled update
+    ("modular-untied", "transformer.h.0.attn.c_attn.weight"),  # its q/k/v row blocks
+    ("modular-untied", "transformer.wpe.weight"),  # rows rule: the eager row update and its guard
+])
+def test_compiled_skipped_step_leaves_weights_bitwise(bad, case, where, no_flat_buffer):
     torch._dynamo.reset()
-    m, opt = model_and_grads("default", "none", True, True, compile=True)
-    m.transformer.h[0].attn.c_attn.weight.grad[3, 5] = bad  # inside one q/k/v slice
+    m, opt = model_and_grads(*CASES[case], compile=True)
+    grad = dict(m.named_parameters())[where].grad
+    grad[3, 5] = bad
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     opt.step()
     assert int(opt.skipped_steps) == 1 and float(opt.last_stats["eta"]) == 0.0
     assert all(torch.equal(p.detach(), before[n]) for n, p in m.named_parameters())
-    m.transformer.h[0].attn.c_attn.weight.grad[3, 5] = 0.0
+    grad[3, 5] = 0.0
     opt.step()  # finite again: the same compiled step moves every weight with a gradient
     assert int(opt.consecutive_skips) == 0
     assert all(not torch.equal(p.detach(), before[n]) for n, p in m.named_parameters() if p.grad is not None
@@ -100,7 +107,9 @@ def test_optim_compile_trains_and_may_change_on_resume(tiny_overrides):
     flipped = common + ["train.run_name=flipped"]
     train(load_config(None, flipped + ["train.max_steps=2"]))
     (Path(tiny_overrides[-1].split("=", 1)[1]) / "flipped" / "DONE").unlink()  # as if it had been stopped
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     run = Path(train(load_config(None, flipped + ["optim.compile=true"]))["run_dir"])  # resumed compiled
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= graphs + 2  # the flag reached the optimiser
     a = [json.loads(line) for line in (eager / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [(r["kind"], r["step"]) for r in a] == [(r["kind"], r["step"]) for r in b]

@@ -11,6 +11,16 @@ import torch
 
 from agdlm.model import GPT, GPTConfig
 from agdlm.optim import AGD
+from agdlm.optim import agd as agd_module
+
+
+@pytest.fixture(autouse=True, params=["flat-buffer", "per-tensor"])
+def small_piece_path(request, monkeypatch):
+    """Every check twice: small pieces through the shared flat buffer (the CPU default at these
+    sizes) and every piece through the per-tensor update that large tensors take."""
+    if request.param == "per-tensor":
+        monkeypatch.setitem(agd_module.FLAT_MAX_NUMEL, "cpu", 1)
+
 
 V, T, D = 64, 8, 16
 
@@ -422,8 +432,7 @@ def test_sync_free_flat_sums_match_segment_reduce(monkeypatch, policy):
     """The CUDA form of the flat buffer (sums from fp64 prefix sums, gathered scales, no
     host sync) steps as the CPU form (segment_reduce) does: run here by turning it on for
     the CPU. Biases, LayerNorm gains (sign rule under default) and momentum all use it."""
-    import agdlm.optim.agd as agd_module
-
+    monkeypatch.setitem(agd_module.FLAT_MAX_NUMEL, "cpu", 4096)  # the flat buffer in both runs
     results = []
     for sync_free in (False, True):
         monkeypatch.setitem(agd_module.SYNC_FREE_SEGMENTS, "cpu", sync_free)

@@ -40,8 +40,9 @@ def test_matches_single_process(results, case):
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.endswith("-compile")])
 def test_compiled_agd_step_ran_compiled(results, case):
-    # the optimiser compiled its step (the worker turns dynamo's silent eager fallback into an
-    # error), so the equality above holds for the compiled step on sharded pieces
+    # the optimiser compiled its step in this case (the worker resets dynamo before each
+    # compile case and turns its eager fallback into an error), so the equality above holds
+    # for the compiled step on sharded pieces
     assert results[case]["compiled"][0] is True and results[case]["compiled"][1] >= 2
 
 

@@ -37,7 +37,7 @@ CASES = {
     "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, bias=True),
     "48x64": dict(n_layer=48, n_head=1, n_embd=64, block_size=1024, bias=False),
     "48x64-bias": dict(n_layer=48, n_head=1, n_embd=64, block_size=1024, bias=True),
-    "gpt2-1.5b": dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024, bias=True),  # GPU only (~25 GB)
+    "gpt2-1.5b": dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024, bias=True),  # GPU only (~25 GB; --compile ~37)
 }
 DEFAULT_CASES = ("gpt2-124m", "48x64", "48x64-bias")
 

@@ -53,8 +53,10 @@ The piece layout may change between steps (it is re-read each step and the index
 rebuilt when it changes). `LocalBinding` (whole local tensors + identity reduce) is the
 default; `opt.bind(binding)` swaps it after a backend has wrapped the model. The step never
 calls ``.item()``: eta stays a 0-dim tensor, so there is no host sync on GPU. With
-``AGD(compile=True)`` stage (c) runs through torch.compile: `derive_step` (the eager code
-itself) and `guarded_update` (checked against the eager update in tests/test_agd_compile.py).
+``AGD(compile=True)`` stage (c) runs through torch.compile: G, eta and the scales
+(`derive_step`, the eager code itself) and the per-tensor updates (`guarded_update`, checked
+against the eager update in tests/test_agd_compile.py); the small-piece flat buffer, rows
+parts and spectral directions stay eager.
 `log_metrics()` calls ``binding.reduce`` too (for the weight norms), so on a sharded binding
 every rank must call them (they are collectives, like the step).
 """
@@ -101,7 +103,7 @@ def _rsqrt_or_zero(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > 0, x.clamp_min(torch.finfo(x.dtype).tiny).rsqrt(), torch.zeros_like(x))
 
 
-def derive_step(vec: torch.Tensor, t: dict, gain: float, L: float, n_layers: int,
+def derive_step(vec: torch.Tensor, t: dict, gain: torch.Tensor, L: float, n_layers: int,
                 spectral_idx: torch.Tensor | None = None, spectral_duals: torch.Tensor | None = None) -> dict:
     """Stage (c)'s arithmetic on the reduced vector: G, eta and every scale (t: the
     optimiser's static index tensors). Pure tensor code, so `AGD(compile=True)` can fuse it."""
@@ -182,9 +184,12 @@ class AGD(torch.optim.Optimizer):
         self._w0_local: torch.Tensor | None = None  # its local partial sums, before the reduce
         # compile (optim.compile): stage (c) through torch.compile, for GPUs: derive_step's ~40
         # small ops fused, and guarded_update's one pass per tensor instead of guard + update
+        # Each piece layout compiles once (dynamo's cache, shared by every AGD in the process);
+        # past torch's recompile limit (8 per function) dynamo falls back to eager with a warning
+        # (fullgraph=True would raise instead: a notebook building many models would crash).
         self.compiled = bool(compile)
-        self._derive_fn = torch.compile(derive_step, fullgraph=True, dynamic=False) if compile else derive_step
-        self._update_fn = torch.compile(guarded_update, fullgraph=True, dynamic=False) if compile else None
+        self._derive_fn = torch.compile(derive_step, dynamic=False) if compile else derive_step
+        self._update_fn = torch.compile(guarded_update, dynamic=False) if compile else None
 
     # ---- static layout ------------------------------------------------------------------
     def _signature(self) -> list[str]:
@@ -488,9 +493,17 @@ class AGD(torch.optim.Optimizer):
         if spectral:  # orthogonalised directions: the dual term is <g, O>, the step is s * O
             idx = self._index(tuple(spectral), vec.device)
             duals = torch.stack(list(spectral.values()))
-        d = self._derive_fn(vec, t, gain, self.L, len(self.plan.layers), idx, duals)
+        d = self._derive_fn(vec, t, self._gain_tensor(gain, vec.device), self.L, len(self.plan.layers), idx, duals)
         d["vec"] = vec
         return d
+
+    def _gain_tensor(self, gain: float, device) -> torch.Tensor:
+        """The gain as a cached 0-dim tensor: a Python float would be a constant of the compiled
+        derive stage, recompiled for every new value."""
+        cached = getattr(self, "_gain_cache", None)
+        if cached is None or cached[0] != (gain, device):
+            cached = self._gain_cache = ((gain, device), torch.tensor(gain, dtype=self.acc_dtype, device=device))
+        return cached[1]
 
     def _apply(self, pieces, lay: dict, d: dict, directions: dict | None = None) -> None:
         if self._flat_step is not None:  # (c) for every small piece at once
