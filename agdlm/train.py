@@ -142,6 +142,17 @@ def check_resume_compatible(cfg: Config, run_dir: Path) -> None:
         )
 
 
+def check_compile_toolchain(cfg: Config, device: torch.device) -> None:
+    """torch.compile on the CPU builds C++ (inductor): a missing compiler is one config line
+    before the run starts, not a traceback at its first forward or step."""
+    wanted = [key for key, on in (("train.compile", cfg.train.compile),
+                                  ("optim.compile", cfg.optim.compile and cfg.optim.name == "agd")) if on]
+    compilers = [c for c in (os.environ.get("CXX"), "g++", "clang++") if c]
+    if wanted and device.type == "cpu" and not any(shutil.which(c) for c in compilers):
+        raise ConfigError(f"{' and '.join(wanted)}=true on the CPU: torch.compile builds C++ there and no compiler "
+                          f"was found ({', '.join(compilers)}); install one or set it false")
+
+
 class Trainer:
     def __init__(self, cfg: Config, env, command_line: list[str] | None = None):
         self.cfg, self.env = cfg, env
@@ -157,6 +168,7 @@ class Trainer:
         """Check, build and load everything before writing anything: a launch that fails
         (wrong model, bad data, no loadable checkpoint) leaves the run folder as it was."""
         cfg, env = self.cfg, self.env
+        check_compile_toolchain(cfg, env.device)
         n_vocab = encoding_for(cfg.data.tokenizer).n_vocab
         if cfg.model.vocab_size < n_vocab:  # every data path yields ids of data.tokenizer
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than data.tokenizer="

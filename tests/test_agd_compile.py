@@ -5,7 +5,10 @@ The eager step is the reference: it is itself checked against the spec in test_a
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,8 +20,8 @@ from agdlm.optim import AGD
 from agdlm.optim import agd as agd_module
 from agdlm.train import train
 
-pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("clang++") is None,
-                                reason="torch.compile on the CPU needs a C++ compiler")
+needs_compiler = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("clang++") is None,
+                                    reason="torch.compile on the CPU needs a C++ compiler")
 
 V, T = 96, 16
 CASES = {  # policy, variant, bias, tied: Frobenius [W|b] pairs, q/k/v slices, sign gains, rows, spectral
@@ -47,6 +50,7 @@ def model_and_grads(policy, variant, bias, tied, compile):
     return m, opt
 
 
+@needs_compiler
 @pytest.mark.filterwarnings("ignore:AGD policy 'agd_exp' freezes")
 @pytest.mark.parametrize("case", list(CASES))
 def test_compiled_step_matches_the_eager_step(case, no_flat_buffer):
@@ -78,6 +82,7 @@ def test_compiled_step_matches_the_eager_step(case, no_flat_buffer):
     assert all(abs(le[k] - lc[k]) <= 1e-5 * max(abs(le[k]), 1e-12) for k in le), (le, lc)
 
 
+@needs_compiler
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
 @pytest.mark.parametrize("case, where", [
     ("default-bias", "transformer.h.0.attn.c_attn.weight"),  # a matrix with its bias: the compiled update
@@ -100,6 +105,7 @@ def test_compiled_skipped_step_leaves_weights_bitwise(bad, case, where, no_flat_
                and p.grad.abs().max() > 0)
 
 
+@needs_compiler
 def test_optim_compile_trains_and_may_change_on_resume(tiny_overrides):
     torch._dynamo.reset()
     common = tiny_overrides + ["train.max_steps=4", "train.ckpt_interval=2", "train.eval_interval=2"]
@@ -116,3 +122,15 @@ def test_optim_compile_trains_and_may_change_on_resume(tiny_overrides):
     for ra, rb in zip(a, b):
         key = "train_loss" if ra["kind"] == "train" else "val_loss"
         assert rb[key] == pytest.approx(ra[key], rel=1e-5), (ra, rb)
+
+
+def test_optim_compile_without_a_compiler_is_one_config_line(tiny_overrides, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "CXX"}
+    env["PATH"] = str(tmp_path / "empty")  # no g++ or clang++ to be found
+    out = Path(tiny_overrides[-1].split("=", 1)[1])
+    proc = subprocess.run([sys.executable, "-m", "agdlm", "train", *tiny_overrides, "optim.compile=true"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "optim.compile=true" in lines[0] and "C++" in lines[0], proc.stderr
+    assert not out.exists()  # refused before anything was written
