@@ -30,3 +30,13 @@ def agdlm_cache(tmp_path_factory):
 @pytest.fixture
 def tiny_overrides(tmp_path):
     return TINY + [f"train.out_dir={tmp_path / 'runs'}"]
+
+
+@pytest.fixture(params=["flat-buffer", "per-tensor"])
+def small_piece_path(request, monkeypatch):
+    """AGD checks run twice: small pieces through the shared flat buffer (the CPU default at a
+    test model's sizes) and every piece through the per-tensor update that large tensors take."""
+    if request.param == "per-tensor":
+        from agdlm.optim import agd
+
+        monkeypatch.setitem(agd.FLAT_MAX_NUMEL, "cpu", 1)

@@ -17,7 +17,6 @@ import torch
 from agdlm.config import load_config
 from agdlm.model import GPT, GPTConfig
 from agdlm.optim import AGD
-from agdlm.optim import agd as agd_module
 from agdlm.train import train
 
 needs_compiler = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("clang++") is None,
@@ -32,11 +31,9 @@ CASES = {  # policy, variant, bias, tied: Frobenius [W|b] pairs, q/k/v slices, s
 }
 
 
-@pytest.fixture
-def no_flat_buffer(monkeypatch):
-    """Every piece through the per-tensor update (here the small ones would share the eager flat
-    buffer): the compiled update then sees sign gains, biases and q/k/v slices too."""
-    monkeypatch.setitem(agd_module.FLAT_MAX_NUMEL, "cpu", 1)
+# Every piece through the per-tensor update (here the small ones would share the eager flat
+# buffer): the compiled update then sees sign gains, biases and q/k/v blocks too.
+PER_TENSOR = pytest.mark.parametrize("small_piece_path", ["per-tensor"], indirect=True)
 
 
 def model_and_grads(policy, variant, bias, tied, compile):
@@ -51,9 +48,10 @@ def model_and_grads(policy, variant, bias, tied, compile):
 
 
 @needs_compiler
+@PER_TENSOR
 @pytest.mark.filterwarnings("ignore:AGD policy 'agd_exp' freezes")
 @pytest.mark.parametrize("case", list(CASES))
-def test_compiled_step_matches_the_eager_step(case, no_flat_buffer):
+def test_compiled_step_matches_the_eager_step(case, small_piece_path):
     torch._dynamo.reset()
     eager_m, eager = model_and_grads(*CASES[case], compile=False)
     comp_m, comp = model_and_grads(*CASES[case], compile=True)
@@ -83,13 +81,14 @@ def test_compiled_step_matches_the_eager_step(case, no_flat_buffer):
 
 
 @needs_compiler
+@PER_TENSOR
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
 @pytest.mark.parametrize("case, where", [
     ("default-bias", "transformer.h.0.attn.c_attn.weight"),  # a matrix with its bias: the compiled update
     ("modular-untied", "transformer.h.0.attn.c_attn.weight"),  # its q/k/v row blocks
     ("modular-untied", "transformer.wpe.weight"),  # rows rule: the eager row update and its guard
 ])
-def test_compiled_skipped_step_leaves_weights_bitwise(bad, case, where, no_flat_buffer):
+def test_compiled_skipped_step_leaves_weights_bitwise(bad, case, where, small_piece_path):
     torch._dynamo.reset()
     m, opt = model_and_grads(*CASES[case], compile=True)
     grad = dict(m.named_parameters())[where].grad

@@ -13,14 +13,7 @@ from agdlm.model import GPT, GPTConfig
 from agdlm.optim import AGD
 from agdlm.optim import agd as agd_module
 
-
-@pytest.fixture(autouse=True, params=["flat-buffer", "per-tensor"])
-def small_piece_path(request, monkeypatch):
-    """Every check twice: small pieces through the shared flat buffer (the CPU default at these
-    sizes) and every piece through the per-tensor update that large tensors take."""
-    if request.param == "per-tensor":
-        monkeypatch.setitem(agd_module.FLAT_MAX_NUMEL, "cpu", 1)
-
+pytestmark = pytest.mark.usefixtures("small_piece_path")  # every check on both update paths (conftest)
 
 V, T, D = 64, 8, 16
 
