@@ -135,10 +135,13 @@ def guarded_update(ws: list, gs: list, comp_scale: torch.Tensor, sign_scale: tor
     """w += scale * g (sign parts: scale * sign(g)), reading g's non-finite entries as 0 so
     that a skipped step (scale 0) leaves w bitwise untouched. Eager, that guard is a pass of
     its own over every gradient; under torch.compile each tensor's update is one pass
-    (read w and g, write w): the byte floor. Gradients are left as they are."""
-    for w, g, ci, sign in zip(ws, gs, comps, is_sign):
-        x = torch.where(torch.isfinite(g), g, 0.0)
-        w.add_(x.sign() * sign_scale[ci] if sign else x * comp_scale[ci])
+    (read w and g, write w): the byte floor. Written as multi-tensor (_foreach) ops so that
+    inductor may group the tensors into a few kernels (on the CPU it makes one C++ kernel of
+    them either way). Gradients are left as they are."""
+    clean = [torch.where(torch.isfinite(g), g, 0.0) for g in gs]
+    directions = [x.sign() if sign else x for x, sign in zip(clean, is_sign)]
+    scales = [sign_scale[ci] if sign else comp_scale[ci] for ci, sign in zip(comps, is_sign)]
+    torch._foreach_add_(ws, torch._foreach_mul(directions, scales))
 
 
 # ---- the optimiser -----------------------------------------------------------------------
