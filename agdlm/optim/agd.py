@@ -186,7 +186,7 @@ class AGD(torch.optim.Optimizer):
         self._w0_sq: torch.Tensor | None = None  # per-part ||W||^2 before the first step
         self._w0_local: torch.Tensor | None = None  # its local partial sums, before the reduce
         # compile (optim.compile): stage (c) through torch.compile, for GPUs: derive_step's ~40
-        # small ops fused, and guarded_update's one pass per tensor instead of guard + update
+        # small ops fused, and guarded_update's one pass per tensor instead of guard + update.
         # Each piece layout compiles once (dynamo's cache, shared by every AGD in the process);
         # past torch's recompile limit (8 per function) dynamo falls back to eager with a warning
         # (fullgraph=True would raise instead: a notebook building many models would crash).
@@ -537,38 +537,29 @@ class AGD(torch.optim.Optimizer):
         # the step. On an accelerator that costs one more read and write of each gradient every
         # step (knowing whether the step is skipped would be a host sync); on the CPU reading the
         # flag is free, so the pass runs only on a skipped step.
-        scaled = lay["scaled"]
-        if self._update_fn is not None:  # compiled: the guard is inside the update's one pass
-            fused = [e for e in scaled if directions is None or e[0] not in directions]
-            if fused:
-                self._update_fn([pieces[k][1] for k, _, _ in fused], [pieces[k][2] for k, _, _ in fused],
-                                d["comp_scale"], d["sign_scale"], tuple(ci for _, ci, _ in fused),
-                                tuple(s for _, _, s in fused))
-            scaled = [e for e in scaled if directions is not None and e[0] in directions]
-            guarded = lay["rows"]
-        else:
-            guarded = lay["guarded"]
+        # spectral variants: pieces whose step is along O (never reads g); all others: along g
+        along_o = [e for e in lay["scaled"] if directions and e[0] in directions]
+        plain = [e for e in lay["scaled"] if not (directions and e[0] in directions)] if along_o else lay["scaled"]
+        compiled = self._update_fn is not None and bool(plain)
+        if compiled:  # the guard is inside the update's one pass
+            self._update_fn([pieces[k][1] for k, _, _ in plain], [pieces[k][2] for k, _, _ in plain],
+                            d["comp_scale"], d["sign_scale"], tuple(ci for _, ci, _ in plain),
+                            tuple(is_sign for _, _, is_sign in plain))
         if not on_cpu or not bool(d["finite"]):
-            for k in guarded:
+            for k in lay["rows"] if self._update_fn is not None else lay["guarded"]:
                 pieces[k][2].nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-        signs = dict(zip(lay["signs"], torch._foreach_sign([pieces[k][2] for k in lay["signs"]]))) \
-            if lay["signs"] and self._update_fn is None else {}
-        if on_cpu and scaled:  # one multi-tensor op for all: w + g * s * 1, s a Python float
-            plain = [e for e in scaled if directions is None or e[0] not in directions]
-            if plain:
-                by = [signs[k] if is_sign else pieces[k][2] for k, _, is_sign in plain]
-                torch._foreach_addcmul_([pieces[k][1] for k, _, _ in plain], by, self._ones_like(lay, by),
-                                        [sign_scale[ci] if is_sign else comp_scale[ci] for _, ci, is_sign in plain])
-            if len(plain) < len(scaled):
-                scaled = [e for e in scaled if e[0] in directions]
+        if not compiled and plain:
+            signs = dict(zip(lay["signs"], torch._foreach_sign([pieces[k][2] for k in lay["signs"]]))) if lay["signs"] else {}
+            by = [signs[k] if is_sign else pieces[k][2] for k, _, is_sign in plain]
+            scales = [sign_scale[ci] if is_sign else comp_scale[ci] for _, ci, is_sign in plain]
+            if on_cpu:  # one multi-tensor op for all: w + g * s * 1, s a Python float
+                torch._foreach_addcmul_([pieces[k][1] for k, _, _ in plain], by, self._ones_like(lay, by), scales)
             else:
-                scaled = []
-        for k, ci, is_sign in scaled:
-            _, w, g, _ = pieces[k]
-            if directions is not None and k in directions:
-                w.add_(directions[k].view_as(w).nan_to_num() * comp_scale[ci])
-            else:
-                w.addcmul_(signs[k] if is_sign else g, sign_scale[ci] if is_sign else comp_scale[ci])
+                for (k, _, _), x, s in zip(plain, by, scales):
+                    pieces[k][1].addcmul_(x, s)
+        for k, ci, _ in along_o:
+            w = pieces[k][1]
+            w.add_(directions[k].view_as(w).nan_to_num() * comp_scale[ci])
         for k in lay["rows"]:
             si, w, g, lo = pieces[k]
             seg, base = self.segments[si], row_offset[si]
