@@ -142,15 +142,23 @@ def check_resume_compatible(cfg: Config, run_dir: Path) -> None:
         )
 
 
+def cpp_compilers() -> list[str]:
+    """The C++ compilers torch.compile's CPU backend (inductor) would look for: $CXX, g++, clang++."""
+    return [c for c in (os.environ.get("CXX"), "g++", "clang++") if c]
+
+
+def has_cpp_compiler() -> bool:
+    return any(shutil.which(c) for c in cpp_compilers())
+
+
 def check_compile_toolchain(cfg: Config, device: torch.device) -> None:
     """torch.compile on the CPU builds C++ (inductor): a missing compiler is one config line
     before the run starts, not a traceback at its first forward or step."""
     wanted = [key for key, on in (("train.compile", cfg.train.compile),
                                   ("optim.compile", cfg.optim.compile and cfg.optim.name == "agd")) if on]
-    compilers = [c for c in (os.environ.get("CXX"), "g++", "clang++") if c]
-    if wanted and device.type == "cpu" and not any(shutil.which(c) for c in compilers):
+    if wanted and device.type == "cpu" and not has_cpp_compiler():
         raise ConfigError(f"{' and '.join(wanted)}=true on the CPU: torch.compile builds C++ there and no compiler "
-                          f"was found ({', '.join(compilers)}); install one or set it false")
+                          f"was found ({', '.join(cpp_compilers())}); install one or set it false")
 
 
 class Trainer:

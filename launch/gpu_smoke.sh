@@ -2,7 +2,7 @@
 # Run this first on a GPU node: nccl, bf16, compile on, AGD on FSDP2 and on DeepSpeed
 # ZeRO 1/2/3, a few steps each (GPT-2-124M shape on the built-in demo corpus, no
 # download); prints tokens/s, MFU and peak memory per backend, and fails loudly. First, one
-# AGD step at GPT-2-1.5B shapes under torch.cuda.set_sync_debug_mode("error") (any host
+# AGD step at GPT-2-124M and 1.5B shapes under torch.cuda.set_sync_debug_mode("error") (any host
 # sync raises), with its CUDA kernel count and time against fused AdamW, eager and with
 # optim.compile (the step's scales and updates through torch.compile).
 #
@@ -38,7 +38,7 @@ run() {  # name, overrides...
   NAMES+=("$name")
 }
 if [[ "${SMOKE_CPU:-0}" != "1" ]]; then
-  echo "=== AGD step at GPT-2-1.5B shapes: no host sync, kernels, time vs fused AdamW ==="
+  echo "=== AGD step at GPT-2-124M and 1.5B shapes, eager and compiled: no host sync, kernels, time vs fused AdamW ==="
   "$PYTHON" -m agdlm bench optim --cases gpt2-124m,gpt2-1.5b --sync-check --compile --repeats 5
 fi
 run fsdp2 parallel.backend=fsdp2

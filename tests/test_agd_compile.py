@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +16,9 @@ import torch
 from agdlm.config import load_config
 from agdlm.model import GPT, GPTConfig
 from agdlm.optim import AGD
-from agdlm.train import train
+from agdlm.train import has_cpp_compiler, train
 
-needs_compiler = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("clang++") is None,
-                                    reason="torch.compile on the CPU needs a C++ compiler")
+needs_compiler = pytest.mark.skipif(not has_cpp_compiler(), reason="torch.compile on the CPU needs a C++ compiler")
 
 V, T = 96, 16
 CASES = {  # policy, variant, bias, tied: Frobenius [W|b] pairs, q/k/v slices, sign gains, rows, spectral

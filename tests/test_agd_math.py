@@ -420,12 +420,12 @@ def test_lean_orthogonal_init_is_torch_orthogonal_bit_for_bit(shape):
     assert torch.equal(g_new.get_state(), g_ref.get_state())
 
 
+@pytest.mark.parametrize("small_piece_path", ["flat-buffer"], indirect=True)  # what this test is about
 @pytest.mark.parametrize("policy", ["default", "modular"])
 def test_sync_free_flat_sums_match_segment_reduce(monkeypatch, policy):
     """The CUDA form of the flat buffer (sums from fp64 prefix sums, gathered scales, no
     host sync) steps as the CPU form (segment_reduce) does: run here by turning it on for
     the CPU. Biases, LayerNorm gains (sign rule under default) and momentum all use it."""
-    monkeypatch.setitem(agd_module.FLAT_MAX_NUMEL, "cpu", 4096)  # the flat buffer in both runs
     results = []
     for sync_free in (False, True):
         monkeypatch.setitem(agd_module.SYNC_FREE_SEGMENTS, "cpu", sync_free)

@@ -532,23 +532,22 @@ class AGD(torch.optim.Optimizer):
         else:
             comp_scale, sign_scale = d["comp_scale"].unbind(0), d["sign_scale"].unbind(0)
         row_scale, row_offset = d["row_scale"], self._row_scale_offsets()
+        # spectral variants: pieces whose step is along O (never reads g); all others: along g
+        along_o = [e for e in lay["scaled"] if directions and e[0] in directions]
+        plain = [e for e in lay["scaled"] if not (directions and e[0] in directions)] if along_o else lay["scaled"]
+        if self.compiled and plain:  # the guard below is inside the compiled update's one pass
+            self._update_fn([pieces[k][1] for k, _, _ in plain], [pieces[k][2] for k, _, _ in plain],
+                            d["comp_scale"], d["sign_scale"], tuple(ci for _, ci, _ in plain),
+                            tuple(is_sign for _, _, is_sign in plain))
         # A non-finite gradient times a zero (skipped) scale would still be NaN: zero it. The
         # identity whenever G is finite (then every gradient is); the gradient is not used after
         # the step. On an accelerator that costs one more read and write of each gradient every
         # step (knowing whether the step is skipped would be a host sync); on the CPU reading the
         # flag is free, so the pass runs only on a skipped step.
-        # spectral variants: pieces whose step is along O (never reads g); all others: along g
-        along_o = [e for e in lay["scaled"] if directions and e[0] in directions]
-        plain = [e for e in lay["scaled"] if not (directions and e[0] in directions)] if along_o else lay["scaled"]
-        compiled = self._update_fn is not None and bool(plain)
-        if compiled:  # the guard is inside the update's one pass
-            self._update_fn([pieces[k][1] for k, _, _ in plain], [pieces[k][2] for k, _, _ in plain],
-                            d["comp_scale"], d["sign_scale"], tuple(ci for _, ci, _ in plain),
-                            tuple(is_sign for _, _, is_sign in plain))
         if not on_cpu or not bool(d["finite"]):
-            for k in lay["rows"] if self._update_fn is not None else lay["guarded"]:
+            for k in lay["rows"] if self.compiled else lay["guarded"]:
                 pieces[k][2].nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-        if not compiled and plain:
+        if not self.compiled and plain:
             signs = dict(zip(lay["signs"], torch._foreach_sign([pieces[k][2] for k in lay["signs"]]))) if lay["signs"] else {}
             by = [signs[k] if is_sign else pieces[k][2] for k, _, is_sign in plain]
             scales = [sign_scale[ci] if is_sign else comp_scale[ci] for _, ci, is_sign in plain]
