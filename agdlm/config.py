@@ -19,6 +19,8 @@ from typing import Any
 import yaml
 
 from agdlm.model import GPTConfig
+from agdlm.optim.registry import NAMES as OPTIMISER_NAMES
+from agdlm.optim.registry import OptimiserRefused, kind_of
 
 
 class ConfigError(ValueError):
@@ -30,13 +32,13 @@ ModelConfig = GPTConfig  # the model section is the model's own config
 
 @dataclass
 class OptimConfig:
-    name: str = "agd"  # agd | adamw
+    name: str = "agd"  # agd | adamw | muon | prodigy | schedulefree (agdlm.optim.registry)
     policy: str = "default"  # AGD: default | paper | agd_exp | modular
     init: str = "default"  # default: the optimiser's init (AGD's init_weights); keep: the weights as they start (model.init_from)
     variant: str = "none"  # AGD study variants on top of a policy (README "AGD variants"); none = faithful
     gain: float = 1.0  # AGD: not a learning rate; kept for experiments
     compile: bool = False  # AGD: torch.compile its step's scale arithmetic and updates (GPU launches; AdamW is fused already)
-    lr: float = 6e-4  # AdamW from here on
+    lr: float | None = None  # the lr-swept optimisers from here on; None: the optimiser's default (AdamW 6e-4)
     min_lr: float | None = None  # None: lr / 10, as nanoGPT decays GPT-2's AdamW
     warmup_steps: int = 100
     lr_decay_steps: int | None = None  # None: decay over train.max_steps
@@ -137,7 +139,7 @@ class Config:
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "optim.name": ("agd", "adamw"),
+    "optim.name": OPTIMISER_NAMES,
     "optim.policy": ("default", "paper", "agd_exp", "modular"),
     "optim.variant": ("none", "momentum", "spectral", "spectral_momentum"),
     "optim.init": ("default", "keep"),
@@ -352,6 +354,9 @@ def validate(cfg: Config) -> None:
         section, name = key.split(".")
         if d[section][name] not in allowed:
             raise ConfigError(f"{key}={d[section][name]!r} is not allowed (choose one of: {', '.join(map(str, allowed))})")
+    kind = kind_of(cfg.optim.name)
+    if cfg.optim.lr is None:  # written out resolved, so a run's config.yaml says the lr it used
+        cfg.optim.lr = kind.default_lr
     for key in POSITIVE_INTS:
         section, name = key.split(".")
         if d[section][name] <= 0:
@@ -395,9 +400,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.eps={o.eps} must be positive")
     if o.lr_decay_steps is not None and o.lr_decay_steps <= 0:
         raise ConfigError(f"optim.lr_decay_steps={o.lr_decay_steps} must be positive (or null: train.max_steps)")
-    if o.name == "agd" and t.precision == "fp16" and cfg.parallel.backend == "deepspeed":
-        raise ConfigError("train.precision=fp16 with optim.name=agd on parallel.backend=deepspeed: DeepSpeed's fp16 "
-                          "optimiser accumulates and reduces gradients in fp16, and AGD's norms need fp32; use bf16 or fp32")
+    try:
+        kind.check(cfg)
+    except OptimiserRefused as e:
+        raise ConfigError(str(e)) from None
     if cfg.parallel.replicate != 1 and cfg.parallel.backend != "fsdp2":
         raise ConfigError(
             f"parallel.replicate={cfg.parallel.replicate} (HSDP replicas) needs parallel.backend=fsdp2, "
@@ -409,9 +415,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.betas={list(o.betas)} must each be in [0, 1)")
     if o.weight_decay < 0 or o.grad_clip < 0:
         raise ConfigError("optim.weight_decay and optim.grad_clip must be >= 0")
-    if m.init_from and o.name == "agd" and o.init != "keep":
-        raise ConfigError(f"model.init_from={m.init_from!r} with optim.name=agd: AGD's init_weights (part of the "
-                          "algorithm) would overwrite those weights; set optim.init=keep to start AGD from them")
+    if m.init_from and kind.initialises_weights(o):
+        raise ConfigError(f"model.init_from={m.init_from!r} with optim.name={o.name}: its init_weights (part of the "
+                          "algorithm) would overwrite those weights; set optim.init=keep to start from them")
     if t.profile is not None and (set(t.profile) != {"start", "steps"} or t.profile["start"] < 0
                                   or t.profile["steps"] < 1):
         raise ConfigError(f"train.profile={t.profile} must be {{start: N >= 0, steps: K >= 1}}")

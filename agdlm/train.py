@@ -31,6 +31,7 @@ from agdlm.config import (Config, ConfigError, build_config, config_to_yaml, loa
 from agdlm.data import DataSourceError, build_data, encoding_for, merge_states
 from agdlm.metrics import MetricsFileError, build_metrics, memory_stats, metrics_lines, peak_flops, roll_back_metrics
 from agdlm.model import GPT
+from agdlm.optim.registry import kind_of
 from agdlm.parallel import CHECKPOINT_LAYOUT, build_backend, init_distributed, shutdown_distributed
 from agdlm.parallel.bindings import BindingInternalsMissing
 from agdlm.parallel.env import exit_without_teardown, launched_as_worker
@@ -42,7 +43,6 @@ from agdlm import provenance
 # parallel.* may change while the checkpoint layout stays the same.
 RESUME_MUST_MATCH = ("model", "optim", "data", "train.global_batch_size")
 RESUME_MAY_CHANGE = ("optim.compile",)  # how the step runs, not what it computes
-OPTIMISER_STEP_NAME = {"agd": "AGD.step", "adamw": "AdamW.step"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -66,14 +66,7 @@ def describe_load_error(error: BaseException) -> str:
 
 def make_optimizer_factory(cfg: Config, device_type: str):
     def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
-        if cfg.optim.name == "agd":
-            from agdlm.optim.agd import AGD
-
-            return AGD(model, policy=cfg.optim.policy, gain=cfg.optim.gain, variant=cfg.optim.variant,
-                       compile=cfg.optim.compile)
-        from agdlm.optim.adamw import build_adamw
-
-        return build_adamw(model, cfg.optim, device_type)
+        return kind_of(cfg.optim.name).build(model, cfg.optim, device_type)
 
     return make_optimizer
 
@@ -82,7 +75,7 @@ def build_model_and_backend(cfg: Config, env, fresh: bool, initial_weights=None)
     """The backend holding the model and its optimiser. A backend that can build the model
     sharded (`setup_sharded`: FSDP2, ZeRO-3) gives each rank only its shard, initialised to the
     weights one process would have (agdlm.parallel.sharded_init); otherwise the whole model is
-    built here and, on a fresh run, initialised by `initial_weights` (default: AGD's init)."""
+    built here and, on a fresh run, initialised by `initial_weights` (default: the optimiser's init)."""
     backend = build_backend(cfg, env)
     make_optimizer = make_optimizer_factory(cfg, env.device.type)
     if getattr(backend, "builds_sharded", lambda: False)():
@@ -97,10 +90,7 @@ def build_model_and_backend(cfg: Config, env, fresh: bool, initial_weights=None)
 
 def default_initial_weights(cfg: Config):
     def initialise(model: torch.nn.Module) -> None:
-        if cfg.optim.name == "agd" and cfg.optim.init != "keep":
-            from agdlm.optim.agd import AGD
-
-            AGD(model, policy=cfg.optim.policy, gain=cfg.optim.gain).init_weights()
+        kind_of(cfg.optim.name).init_weights(model, cfg.optim)
 
     return initialise
 
@@ -128,10 +118,7 @@ def check_resume_compatible(cfg: Config, run_dir: Path) -> None:
         for k in [key] if key else now[section]:
             if saved[section][k] != now[section][k] and f"{section}.{k}" not in RESUME_MAY_CHANGE:
                 diffs.append(f"{section}.{k}: {saved[section][k]!r} -> {now[section][k]!r}")
-    if cfg.optim.name == "adamw" and cfg.optim.lr_decay_steps is None and saved_cfg.total_steps() != cfg.total_steps():
-        diffs.append(f"AdamW's cosine horizon (train.max_steps/max_tokens): {saved_cfg.total_steps()} -> "
-                     f"{cfg.total_steps()} steps (extending an AdamW run changes its schedule; set optim.lr_decay_steps "
-                     "from the start to make the horizon independent of max_steps)")
+    diffs += kind_of(cfg.optim.name).resume_problems(saved_cfg, cfg)
     if CHECKPOINT_LAYOUT[saved_cfg.parallel.backend] != CHECKPOINT_LAYOUT[cfg.parallel.backend]:
         diffs.append(f"parallel.backend: {saved_cfg.parallel.backend} -> {cfg.parallel.backend} "
                      "(a different checkpoint layout; `agdlm export` gives a single-file model)")
@@ -155,7 +142,8 @@ def check_compile_toolchain(cfg: Config, device: torch.device) -> None:
     """torch.compile on the CPU builds C++ (inductor): a missing compiler is one config line
     before the run starts, not a traceback at its first forward or step."""
     wanted = [key for key, on in (("train.compile", cfg.train.compile),
-                                  ("optim.compile", cfg.optim.compile and cfg.optim.name == "agd")) if on]
+                                  ("optim.compile", cfg.optim.compile and kind_of(cfg.optim.name).compiles_step))
+              if on]
     if wanted and device.type == "cpu" and not has_cpp_compiler():
         raise ConfigError(f"{' and '.join(wanted)}=true on the CPU: torch.compile builds C++ there and no compiler "
                           f"was found ({', '.join(cpp_compilers())}); install one or set it false")
@@ -169,6 +157,7 @@ class Trainer:
         self.total_steps = cfg.total_steps()
         self.accum_steps = cfg.grad_accum_steps(env.world_size)
         self.tokens_per_step = cfg.train.global_batch_size * cfg.model.block_size
+        self.kind = kind_of(cfg.optim.name)
         self.step = 0
 
     # ---- setup -----------------------------------------------------------------------
@@ -199,13 +188,10 @@ class Trainer:
         self.metrics = build_metrics(cfg, self.run_dir, env, resumed=resume_from is not None)
 
     def _initial_weights(self, model: GPT) -> None:
-        """A fresh run: AGD's init (part of the algorithm) unless optim.init=keep, then the
-        weights of model.init_from (config validation ties the two together)."""
+        """A fresh run: the optimiser's init (AGD's, part of the algorithm) unless optim.init=keep,
+        then the weights of model.init_from (config validation ties the two together)."""
         cfg = self.cfg
-        if cfg.optim.name == "agd" and cfg.optim.init != "keep":
-            from agdlm.optim.agd import AGD
-
-            AGD(model, policy=cfg.optim.policy, gain=cfg.optim.gain).init_weights()
+        self.kind.init_weights(model, cfg.optim)
         if cfg.model.init_from:
             from agdlm.init_from import init_model
 
@@ -291,8 +277,8 @@ class Trainer:
         env.barrier()
         folder = checkpoints_dir(self.run_dir) / f".tmp_step_{self.step}"
         failure = None
-        try:
-            with reporting_full_disk(folder):
+        try:  # model.pt holds the weights the optimiser means for evaluation (schedule-free's average)
+            with reporting_full_disk(folder), self.kind.evaluation_weights(self.backend.optimizer):
                 self._write_checkpoint_files(folder)
         except (OSError, RuntimeError) as e:  # kept to raise once every rank knows
             failure = e
@@ -338,6 +324,7 @@ class Trainer:
         except Exception as e:  # noqa: BLE001 - its files passed the check: they do not fit, or were refused
             raise ResumeRefused(f"{folder} does not fit this model and optimiser, or was refused "
                               f"({describe_load_error(e)}); relaunch with the run's own config (config.yaml)") from None
+        self.kind.after_load(self.backend.optimizer)
         try:
             self.data.train.load_state_dict(read_json(folder / "data.json"))
         except ValueError as e:  # e.g. a streaming position on another world size
@@ -355,12 +342,13 @@ class Trainer:
         model = self.backend.model
         model.eval()
         total, count = torch.zeros((), device=self.env.device), 0
-        for k in range(self.cfg.train.eval_batches):
-            for x, y in self.data.val.batch(k):
-                with self.backend.autocast():
-                    _, loss = model(x.to(self.env.device), y.to(self.env.device))
-                total += loss.float()
-                count += 1
+        with self.kind.evaluation_weights(self.backend.optimizer):
+            for k in range(self.cfg.train.eval_batches):
+                for x, y in self.data.val.batch(k):
+                    with self.backend.autocast():
+                        _, loss = model(x.to(self.env.device), y.to(self.env.device))
+                    total += loss.float()
+                    count += 1
         model.train()
         return self.backend.all_reduce_mean(total / count).item()
 
@@ -370,14 +358,9 @@ class Trainer:
         return val_loss
 
     # ---- the loop --------------------------------------------------------------------
-    def train_step(self) -> tuple[torch.Tensor, dict]:
+    def train_step(self, logged: bool = False) -> tuple[torch.Tensor, dict]:
         cfg, backend, dev = self.cfg, self.backend, self.env.device
-        if cfg.optim.name == "adamw":
-            from agdlm.optim.adamw import lr_at
-
-            lr = lr_at(self.step, cfg.optim, self.total_steps)
-            for group in backend.optimizer.param_groups:
-                group["lr"] = lr
+        self.kind.set_lr(backend.optimizer, self.step, cfg.optim, self.total_steps)
         micro_batches = self.data.train.next_batch()
         loss_sum = torch.zeros((), device=dev)
         for i, (x, y) in enumerate(micro_batches):
@@ -393,12 +376,14 @@ class Trainer:
             raise TrainingDiverged(f"train loss is {loss_value} at step {self.step + 1}; stopping. {self._last_good()}")
         self._stop_if_too_many_skips(skips)
         _maybe_poison_gradient(self.step, self.env.rank, backend.raw_model)
-        with torch.profiler.record_function(OPTIMISER_STEP_NAME[cfg.optim.name]):  # named in profiler traces
-            stats = backend.optimizer_step(cfg.optim.grad_clip if cfg.optim.name == "adamw" else 0.0)
+        if logged:
+            self.kind.prepare_log_step(backend.optimizer)
+        with torch.profiler.record_function(self.kind.step_name):  # named in profiler traces
+            stats = backend.optimizer_step(self.kind.grad_clip(cfg.optim))
         return loss, stats
 
     def _sync_loss_and_skips(self, loss: torch.Tensor) -> tuple[float, int]:
-        skips = getattr(self.backend.optimizer, "consecutive_skips", None)  # AGD only
+        skips = self.kind.consecutive_skips(self.backend.optimizer)
         if skips is None:
             return loss.item(), 0
         loss_value, skip_count = torch.stack([loss.float(), skips.to(loss.device, torch.float32)]).tolist()
@@ -407,7 +392,7 @@ class Trainer:
     def stop_if_skipping(self) -> int:
         """Before a checkpoint or DONE: stop if too many steps in a row were skipped; return
         how many were (0 for a good last step, or an optimiser that never skips)."""
-        skips = getattr(self.backend.optimizer, "consecutive_skips", None)
+        skips = self.kind.consecutive_skips(self.backend.optimizer)
         count = 0 if skips is None else int(skips.item())
         self._stop_if_too_many_skips(count)
         return count
@@ -434,14 +419,7 @@ class Trainer:
             "tokens_per_s": tokens_per_s,
             "step_time_s": step_time,
         }
-        opt = self.backend.optimizer
-        if self.cfg.optim.name == "adamw":
-            record["lr"] = opt.param_groups[0]["lr"]
-        if hasattr(opt, "log_metrics"):
-            record.update(opt.log_metrics())
-        skipped_total = getattr(opt, "last_stats", {}).get("skipped_steps")
-        if skipped_total is not None and "agd_skipped_steps" not in record:
-            record["agd_skipped_steps"] = int(skipped_total)
+        record.update(self.kind.log_metrics(self.backend.optimizer))
         if "grad_norm" in stats:
             record["grad_norm"] = float(stats["grad_norm"])
         if self.peak_flops:
@@ -489,14 +467,15 @@ class Trainer:
                 _maybe_inject_fault(self.step, self.env.rank)
                 profiler.before_step(self.step)
                 t0 = time.perf_counter()  # eval and checkpoint time stay out of step_time_s
-                loss, stats = self.train_step()
+                logged = (self.step + 1) % cfg.log.interval == 0 or self.step + 1 == self.total_steps
+                loss, stats = self.train_step(logged)
                 train_time += time.perf_counter() - t0
                 self.step += 1
                 profiler.after_step(self.step)
                 steps_in_interval += 1
                 skipped += int(bool(stats.get("skipped_step", False)))
                 at_end = self.step == self.total_steps
-                if self.step % cfg.log.interval == 0 or at_end:
+                if logged:
                     record = self.train_record(loss, stats, train_time, steps_in_interval)
                     if skipped:
                         record["skipped_steps"] = skipped

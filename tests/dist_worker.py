@@ -16,6 +16,7 @@ import torch
 
 from agdlm.config import load_config
 from agdlm.model import GPT
+from agdlm.optim.registry import kind_of
 from agdlm.parallel import build_backend
 from agdlm.parallel.env import DistEnv
 from agdlm.train import make_optimizer_factory
@@ -80,6 +81,10 @@ CASES = {
     "zero3-agd-modular-untied-ac": ["parallel.backend=deepspeed", "parallel.zero_stage=3", "optim.name=agd",
                                     "optim.policy=modular", "model.tie_embeddings=false",
                                     "model.activation_checkpointing=true"],
+    # the baselines where they are correct (agdlm.optim.registry refuses the others)
+    "ddp-muon": ["parallel.backend=ddp", "optim.name=muon"],
+    "ddp-prodigy": ["parallel.backend=ddp", "optim.name=prodigy", "optim.lr=1.0"],
+    "ddp-schedulefree": ["parallel.backend=ddp", "optim.name=schedulefree"],
 }  # fmt: skip
 
 class CollectiveCounter:
@@ -119,10 +124,7 @@ def global_batch(k: int, cfg) -> tuple[torch.Tensor, torch.Tensor]:
 def initial_weights(cfg) -> dict:
     torch.manual_seed(0)
     model = GPT(cfg.model)
-    if cfg.optim.name == "agd":
-        from agdlm.optim.agd import AGD
-
-        AGD(model, policy=cfg.optim.policy, gain=cfg.optim.gain).init_weights()
+    kind_of(cfg.optim.name).init_weights(model, cfg.optim)  # AGD's init; the others keep GPT's
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
@@ -135,11 +137,8 @@ def build(cfg, env, init):
 
 
 def train_step(backend, cfg, env, k: int, counter: CollectiveCounter | None = None) -> dict:
-    from agdlm.optim.adamw import lr_at
-
-    if cfg.optim.name == "adamw":
-        for group in backend.optimizer.param_groups:
-            group["lr"] = lr_at(k, cfg.optim, STEPS)
+    kind = kind_of(cfg.optim.name)
+    kind.set_lr(backend.optimizer, k, cfg.optim, STEPS)
     x, y = global_batch(k, cfg)
     rows = ROWS // env.world_size
     x, y = x[env.rank * rows : (env.rank + 1) * rows], y[env.rank * rows : (env.rank + 1) * rows]
@@ -147,7 +146,7 @@ def train_step(backend, cfg, env, k: int, counter: CollectiveCounter | None = No
     for i, (xb, yb) in enumerate(micro):
         backend.forward_backward(xb, yb, len(micro), i == len(micro) - 1)
     counts = {"backward": counter.take()} if counter else {}
-    backend.optimizer_step(cfg.optim.grad_clip if cfg.optim.name == "adamw" else 0.0)
+    backend.optimizer_step(kind.grad_clip(cfg.optim))
     if counter:
         counts["step"] = counter.take()
     return counts
@@ -161,7 +160,14 @@ def reference(cfg, init) -> dict:
     backend = build(ref_cfg, env, init)
     for k in range(STEPS):
         train_step(backend, ref_cfg, env, k)
-    return backend.full_state_dict()
+    return backend.full_state_dict(), optimizer_scalars(backend.optimizer)
+
+
+def optimizer_scalars(optimizer) -> dict:
+    """The step-size state an optimiser keeps in its first group (Prodigy's d, schedule-free's
+    weight sum): sums over every parameter, so a shard's partial sum would show here."""
+    group = optimizer.param_groups[0]
+    return {k: float(group[k]) for k in ("d", "d_max", "d_numerator", "weight_sum", "lr_max") if k in group}
 
 
 def rel_errs(a: dict, b: dict) -> dict[str, float]:
@@ -224,6 +230,7 @@ def run_case_in(name: str, cfg, overrides: list[str], env: DistEnv, tmp: Path) -
         metrics = backend.optimizer.log_metrics()  # a collective on sharded bindings: all ranks
         compiled = [backend.optimizer.compiled, torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs]
     full = backend.full_state_dict()
+    scalars = optimizer_scalars(backend.optimizer)
     del backend
     resumed = build(cfg, env, initial_weights(load_config(None, [*TINY, *overrides, "optim.name=adamw"])))  # other init
     resumed.load(folder)
@@ -234,7 +241,7 @@ def run_case_in(name: str, cfg, overrides: list[str], env: DistEnv, tmp: Path) -
     if env.is_main:
         from agdlm.export import consolidated_state_dict
 
-        ref = reference(cfg, init)
+        ref, ref_scalars = reference(cfg, init)
         result = {
             "export_rel_err": max_rel_err(consolidated_state_dict(folder, cfg.model), before_save),
             "rel_err": max_rel_err(full, ref),
@@ -244,6 +251,11 @@ def run_case_in(name: str, cfg, overrides: list[str], env: DistEnv, tmp: Path) -
             "moved": max_rel_err(init, ref),
             "moved_least": min(rel_errs(init, ref).values()),  # every tensor moved, not just one bias
             "collectives": counts,
+            # the step itself (weights after - before), against the reference's: an optimiser
+            # that moves the weights little (Prodigy's first steps) is compared where it acts
+            "update_rel_err": max_rel_err({k: full[k] - init[k] for k in ref}, {k: ref[k] - init[k] for k in ref}),
+            "scalars": scalars,
+            "ref_scalars": ref_scalars,
         }
         if cfg.optim.name == "agd":
             result["agd_eta"] = metrics["agd_eta"]

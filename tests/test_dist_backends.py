@@ -31,11 +31,25 @@ def results(tmp_path_factory, agdlm_cache):
 def test_matches_single_process(results, case):
     r = results[case]
     assert "error" not in r, r.get("error")
-    assert r["moved_least"] > 1e-4, r["moved_least"]  # every tensor changed: the comparison is not vacuous
+    if "prodigy" not in case:  # Prodigy's first steps are d0 = 1e-6 small: its own test below
+        assert r["moved_least"] > 1e-4, r["moved_least"]  # every tensor changed: the comparison is not vacuous
     # variant=spectral: Newton-Schulz's 5 fp32 iterations amplify the ~1e-7 differences of the
-    # reduced gradient (another summation order) about 20x; measured 4e-6..7.3e-6
-    tol = 2e-5 if "spectral" in case else 1e-5
+    # reduced gradient (another summation order) about 20x; measured 4e-6..7.3e-6.
+    # muon: torch.optim.Muon runs Newton-Schulz in bf16 (8 mantissa bits), so the reduced
+    # gradient's summation order flips bf16 roundings: measured 8.5e-3 relative after 3 steps.
+    tol = 2e-2 if "muon" in case else 2e-5 if "spectral" in case else 1e-5
     assert r["rel_err"] < tol, r["worst"]
+
+
+def test_prodigy_d_is_the_whole_models_on_two_ranks(results):
+    # Prodigy's d estimate sums <g, x0 - x> and |s| over every parameter: on DDP each rank holds
+    # the whole reduced gradient, so its sums equal one process's (on a shard they would not:
+    # FSDP2 measured 2.03e-13 vs 3.15e-13, which is why the config refuses it there)
+    r = results["ddp-prodigy"]
+    assert r["ref_scalars"]["d_numerator"] > 0
+    assert abs(r["scalars"]["d_numerator"] / r["ref_scalars"]["d_numerator"] - 1) < 1e-4, r["scalars"]
+    assert r["scalars"]["d"] == r["ref_scalars"]["d"]
+    assert r["update_rel_err"] < 1e-3, r["update_rel_err"]  # the step itself, not just the weights
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.endswith("-compile")])

@@ -14,7 +14,9 @@ from agdlm.parallel import build_backend
 from agdlm.parallel.env import DistEnv
 from agdlm.train import Trainer, TrainingDiverged, train
 
-OPTIMIZERS = [["optim.name=adamw", "optim.lr=3e-3", "optim.warmup_steps=2"], ["optim.name=agd"]]
+OPTIMIZERS = [["optim.name=adamw", "optim.lr=3e-3", "optim.warmup_steps=2"], ["optim.name=agd"],
+              ["optim.name=muon", "optim.lr=1e-2", "optim.warmup_steps=2"], ["optim.name=prodigy", "optim.warmup_steps=2"],
+              ["optim.name=schedulefree", "optim.warmup_steps=2"]]
 
 
 def read_metrics(run_dir):
@@ -29,10 +31,10 @@ def train_until_crash(cfg, before_step: int, monkeypatch) -> None:
     """Train `cfg` and crash (KeyboardInterrupt) just before optimiser step `before_step`."""
     original = Trainer.train_step
 
-    def crashing(self):
+    def crashing(self, *args, **kwargs):
         if self.step == before_step - 1:
             raise KeyboardInterrupt("simulated crash")
-        return original(self)
+        return original(self, *args, **kwargs)
 
     monkeypatch.setattr(Trainer, "train_step", crashing)
     with pytest.raises(KeyboardInterrupt):
@@ -67,8 +69,9 @@ def streaming_demo_source():
 
 @pytest.mark.parametrize(
     "optim, data",
-    [(OPTIMIZERS[0], "memory"), (OPTIMIZERS[1], "memory"), (OPTIMIZERS[1], "stream")],
-    ids=["adamw", "agd", "agd-streaming"],
+    [(OPTIMIZERS[0], "memory"), (OPTIMIZERS[1], "memory"), (OPTIMIZERS[1], "stream"), (OPTIMIZERS[2], "memory"),
+     (OPTIMIZERS[3], "memory"), (OPTIMIZERS[4], "memory")],
+    ids=["adamw", "agd", "agd-streaming", "muon", "prodigy", "schedulefree"],
 )
 def test_interrupted_and_resumed_run_matches_uninterrupted(tiny_overrides, optim, data, monkeypatch):
     if data == "stream":

@@ -164,10 +164,10 @@ def test_resumed_run_continues_the_same_wandb_run(tiny_overrides, monkeypatch):
                                "train.run_name=wbresume"]
     original = Trainer.train_step
 
-    def crash_at_step_3(self):
+    def crash_at_step_3(self, *args, **kwargs):
         if self.step == 2:
             raise KeyboardInterrupt("simulated crash")
-        return original(self)
+        return original(self, *args, **kwargs)
 
     monkeypatch.setattr(Trainer, "train_step", crash_at_step_3)
     with pytest.raises(KeyboardInterrupt):

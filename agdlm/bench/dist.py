@@ -19,6 +19,7 @@ import sys
 import time
 
 from agdlm.bench.ranks import finish_rank, join_cpu_group, run_ranks
+from agdlm.optim.registry import kind_of
 
 BACKENDS = {
     "ddp": ["parallel.backend=ddp"],
@@ -79,7 +80,7 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], steps: int, 
         micro = list(zip(x.split(cfg.train.micro_batch_size), y.split(cfg.train.micro_batch_size)))
         for i, (xb, yb) in enumerate(micro):
             backend.forward_backward(xb, yb, len(micro), i == len(micro) - 1)
-        backend.optimizer_step(cfg.optim.grad_clip if cfg.optim.name == "adamw" else 0.0)
+        backend.optimizer_step(kind_of(cfg.optim.name).grad_clip(cfg.optim))
 
     step()  # warm-up (allocations, DeepSpeed buffers)
     reduced.clear()

@@ -249,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     ap.add_argument("--sharded", action="store_true",
                     help="also time the AGD step through the FSDP2 and ZeRO-2 bindings on 2 gloo CPU ranks")
+    ap.add_argument("--optimisers", action="store_true",
+                    help="also time every optimiser agdlm offers (configs/optim/*.yaml) against fused AdamW "
+                         "(agdlm.bench.optimisers), at the first case's shapes")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -278,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
                   + f" per step; first step (compiling) {c['compile_s']:.1f} s"
                   + ("; no host sync" if args.sync_check else ""))
     print("AdamW: torch.optim.AdamW (fused where available). ratio = AGD / AdamW step time.")
+    if args.optimisers:
+        from agdlm.bench.optimisers import print_optimisers
+
+        print_optimisers(names[0], device, args.warmup, args.repeats)
     if args.sharded:
         bench_sharded(max(args.repeats, 15))
     return 0

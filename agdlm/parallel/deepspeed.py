@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from agdlm.config import ConfigError
+from agdlm.optim.registry import kind_of
 from agdlm.parallel import CHECKPOINT_LAYOUT
 from agdlm.parallel.base import Backend
 from agdlm.parallel.safe_load import CheckpointReadError, safe_deepspeed_checkpoint_engine
@@ -64,7 +65,7 @@ def deepspeed_config(cfg, world_size: int, precision: str) -> dict:
     norm on ZeRO 1/2 where DeepSpeed allows skipping it (not ZeRO-1's BF16_Optimizer, not
     ZeRO-3): AGD never reads it, and it costs a host sync per step. ZeRO-3, both optimisers: buckets
     and gather limits sized to the model (zero3_sizes)."""
-    agd = cfg.optim.name == "agd"
+    agd = kind_of(cfg.optim.name).reads_every_gradient  # AGD
     stage = cfg.parallel.zero_stage
     zero: dict = {
         "stage": stage,
@@ -149,7 +150,7 @@ def check_agd_precision(cfg, precision: str) -> None:
     """AGD's norms need fp32 gradients; DeepSpeed's fp16 optimiser accumulates and reduces
     them in fp16. The config check catches train.precision=fp16; this catches `auto`
     resolving to fp16 (a GPU without bf16), before any engine is built."""
-    if cfg.optim.name == "agd" and precision == "fp16":
+    if kind_of(cfg.optim.name).reads_every_gradient and precision == "fp16":
         raise ConfigError(
             f"train.precision={cfg.train.precision} resolves to fp16 on this GPU (no bf16), and DeepSpeed's fp16 "
             "optimiser reduces gradients in fp16, which AGD's norms cannot use: set train.precision=fp32")
@@ -240,7 +241,7 @@ class DeepSpeedBackend(Backend):
         skipped_before = engine.skipped_steps
         engine.step()  # clipping (AdamW only) is in the DeepSpeed config
         stats: dict = {"skipped_step": engine.skipped_steps > skipped_before}
-        if self.cfg.optim.name != "agd" and grad_clip > 0:
+        if grad_clip > 0:
             norm = engine.get_global_grad_norm()
             if norm is not None:
                 stats["grad_norm"] = float(norm)

@@ -128,9 +128,9 @@ class FSDP2Backend(Backend):
     def _uses_dcp_optimizer(self) -> bool:
         """AdamW's state, and AGD's momentum buffers (DTensors of the parameters' placement),
         are sharded: DCP. The faithful AGD has no per-parameter state: one optimizer.pt."""
-        from agdlm.optim.variants import uses_momentum
+        from agdlm.optim.registry import kind_of
 
-        return self.cfg.optim.name != "agd" or uses_momentum(self.cfg.optim.variant)
+        return kind_of(self.cfg.optim.name).shards_state(self.cfg.optim)
 
     def save(self, folder: Path) -> None:
         state = {"model": get_model_state_dict(self.raw_model)}

@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from agdlm.optim.registry import kind_of
+
 RANDOM_KINDS = ("kaiming_uniform", "uniform", "normal", "orthogonal", "rows")
 
 
@@ -127,7 +129,7 @@ def init_ops(model: nn.Module, cfg) -> list[InitOp]:
     """Every draw and fill of a fresh single-process run's init, in stream order."""
     index = {id(p): i for i, p in enumerate(unique_parameters(model))}
     ops = construction_ops(model, index) + normal_init_ops(model, index)
-    if cfg.optim.name == "agd" and cfg.optim.init != "keep":
+    if kind_of(cfg.optim.name).initialises_weights(cfg.optim):  # AGD's init
         ops += agd_init_ops(model, index, cfg.optim.policy, cfg.optim.gain)
     return ops
 
