@@ -41,6 +41,7 @@ class OptimConfig:
     lr: float | None = None  # the lr-swept optimisers from here on; None: the optimiser's default (AdamW 6e-4)
     min_lr: float | None = None  # None: lr / 10, as nanoGPT decays GPT-2's AdamW
     warmup_steps: int = 100
+    warmup_fraction: float | None = None  # set: warmup_steps = this fraction of the run's steps (AlgoPerf's 2%)
     lr_decay_steps: int | None = None  # None: decay over train.max_steps
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
@@ -409,6 +410,10 @@ def validate(cfg: Config) -> None:
             f"parallel.replicate={cfg.parallel.replicate} (HSDP replicas) needs parallel.backend=fsdp2, "
             f"not {cfg.parallel.backend}"
         )
+    if o.warmup_fraction is not None:
+        if not 0 <= o.warmup_fraction < 1:
+            raise ConfigError(f"optim.warmup_fraction={o.warmup_fraction} must be in [0, 1) (or null: optim.warmup_steps)")
+        o.warmup_steps = round(o.warmup_fraction * cfg.total_steps())  # written out resolved, like optim.lr
     if o.warmup_steps < 0:
         raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be >= 0")
     if not all(0.0 <= b < 1.0 for b in o.betas):

@@ -394,11 +394,18 @@ def slurm_script(sweep: Sweep, runs: list[Run], *, gpus_per_node: int = 1, nodes
 
 def run_locally(sweep: Sweep, runs: list[Run], python: str | None = None) -> list[tuple[str, int]]:
     """Each run in its own process (a clean interpreter per run), one after another. A run
-    that fails is reported and the sweep goes on."""
+    that fails is reported and the sweep goes on. Each run's folder gets timing.json: whether
+    the machine was otherwise idle while it ran (agdlm.load_watch), for its speed figures."""
+    from agdlm.load_watch import LoadWatch
+
     results = []
     for i, run in enumerate(runs, 1):
         print(f"[{i}/{len(runs)}] {run.name}: {shell_line(train_command(run, python))}", flush=True)
-        rc = subprocess.run(train_command(run, python)).returncode
+        with LoadWatch() as watch:
+            rc = subprocess.run(train_command(run, python)).returncode
+        run_dir = Path(run.config().train.out_dir) / run.name
+        if run_dir.is_dir():
+            watch.write(run_dir / "timing.json")
         results.append((run.name, rc))
         if rc != 0:
             print(f"[{i}/{len(runs)}] {run.name} failed (exit {rc}); going on", file=sys.stderr, flush=True)
