@@ -94,3 +94,13 @@ def test_fsdp2_reduce_scatters_every_micro_batch_by_default(results):
     per_micro = results["fsdp2-agd"]["collectives"][0]["backward"]["c10d::_reduce_scatter_base_"]
     once = results["fsdp2-agd-unsharded-accum"]["collectives"][0]["backward"]["c10d::_reduce_scatter_base_"]
     assert per_micro == 2 * once
+
+
+def test_spectral_agd_on_fsdp2_adds_two_all_to_alls_not_a_gradient_all_reduce(results):
+    # each matrix orthogonalised once by its owner (agdlm.parallel.owners): one all-to-all to
+    # the owners, one back, and <g, O> rides in the step's one all-reduce; the layout's
+    # all_gather_object runs at the first step only
+    steps = results["fsdp2-agd-spectral"]["collectives"]
+    assert steps[0]["step"] == {"c10d::allgather_": 2, "c10d::alltoall_base_": 2, "c10d::allreduce_": 1}, steps[0]
+    for step in steps[1:]:
+        assert step["step"] == {"c10d::alltoall_base_": 2, "c10d::allreduce_": 1}, step

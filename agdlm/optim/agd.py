@@ -604,8 +604,13 @@ class AGD(torch.optim.Optimizer):
             self._w0_local = self._weight_norms_sq(pieces, device, reduce=False)
         lay = self._step_layout(pieces, device)
         vec = self._local_sums(pieces, lay, device)
-        vec = self.binding.reduce(vec)  # (b) one reduction
         spectral, directions = self._spectral_directions(pieces) if self._spectral else (None, None)
+        if spectral and not isinstance(self.binding, LocalBinding):  # this rank's <g, O> and ||O||^2 terms
+            n = len(vec)
+            vec = self.binding.reduce(torch.cat([vec, spectral.pop("partial").to(vec.dtype)]))  # (b) one reduction
+            spectral, vec = self._spectral_sums(vec[n:]), vec[:n]
+        else:
+            vec = self.binding.reduce(vec)  # (b) one reduction
         d = self._derive(vec, gain, spectral)  # (c) eta, normalisers, in-place updates
         self._apply(pieces, lay, d, directions)
         if directions:
@@ -624,57 +629,113 @@ class AGD(torch.optim.Optimizer):
         orthogonalisation O of its whole gradient (a [W|b] pair as one matrix with the bias as
         an extra column). Returns ({component: <g, O>}, {piece position: O on that piece}).
 
-        On a sharded binding the matrices are assembled by ONE `binding.reduce` of a buffer
-        holding every spectral part, each rank writing only the elements it holds (the pieces
-        cover each element once over the ranks, so the sum is exact): an all-reduce of all
-        matrix gradients per step, the cost of needing whole matrices. Every rank then
-        orthogonalises every matrix and updates its own pieces."""
+        On a sharded binding each matrix is orthogonalised once, by one owner rank
+        (agdlm.parallel.owners: an all-to-all assembles it there, a second returns each rank
+        its own elements of O). Its <g, O> and ||O||^2 terms are then this rank's partial sums,
+        returned under "partial" to ride in the step's one all-reduce (_spectral_sums)."""
+        if not isinstance(self.binding, LocalBinding):
+            return self._sharded_spectral_directions(pieces)
         comps = self.plan.components
-        segs_of = {ci: [si for si, seg in enumerate(self.segments) if seg["comp"] == ci] for ci in self._spectral}
-        local = isinstance(self.binding, LocalBinding)
-        full = {}  # segment -> its whole gradient region, flat
-        if local:  # whole tensors already: views, no copy
-            full = {si: g for si, _, g, _ in pieces if g is not None and si in self._spectral_segments}
-            if len(full) != len(self._spectral_segments):
-                return {}, {}  # a matrix without gradient (not this model's training path): faithful rule
-        else:
-            sizes = [self.segments[si]["stop"] - self.segments[si]["start"] for ci in self._spectral for si in segs_of[ci]]
-            device = self.params[0].device
-            buf = torch.zeros(sum(sizes), dtype=torch.float32, device=device)
-            offset, at = 0, {}
-            for ci in self._spectral:
-                for si in segs_of[ci]:
-                    at[si] = offset
-                    offset += self.segments[si]["stop"] - self.segments[si]["start"]
-            for si, _, g, lo in pieces:
-                if g is not None and si in at:
-                    pos = at[si] + lo - self.segments[si]["start"]
-                    buf[pos : pos + g.numel()] = g.reshape(-1)
-            buf = self.binding.reduce(buf)
-            full = {si: buf[at[si] : at[si] + self.segments[si]["stop"] - self.segments[si]["start"]] for si in at}
+        full = {si: g for si, _, g, _ in pieces if g is not None and si in self._spectral_segments}
+        if len(full) != len(self._spectral_segments):
+            return {}, {}  # a matrix without gradient (not this model's training path): faithful rule
         duals, whole_dirs = {}, {}
         self._direction_sq = {}
         for ci in self._spectral:
-            blocks = []
-            for si, part in zip(segs_of[ci], comps[ci].parts):
-                g = full[si].float()
-                blocks.append(g.view(part.shape) if len(part.shape) == 2 else g.view(-1, 1))
+            segs = self._segments_of(ci)
+            blocks = self._component_blocks(ci, [full[si].float() for si in segs])
             m = torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
             o = orthogonalise(m)
-            duals[ci] = (m * o).sum()
+            duals[ci] = (m.double() * o.double()).sum()  # fp32 products, exact in fp64: sums agree across layouts
             col_sq = o.square().sum(dim=0)  # per column, to split by part below
+            for si, region in zip(segs, self._split_columns(o, blocks)):
+                whole_dirs[si] = region
             col = 0
-            for si, block in zip(segs_of[ci], blocks):
-                width = block.shape[1]
-                whole_dirs[si] = o[:, col : col + width].reshape(-1)
-                self._direction_sq[si] = col_sq[col : col + width].sum()
-                col += width
+            for si, block in zip(segs, blocks):
+                self._direction_sq[si] = col_sq[col : col + block.shape[1]].sum()
+                col += block.shape[1]
+        del comps
         directions = {}
         for k, (si, _, g, lo) in enumerate(pieces):
             if g is not None and si in whole_dirs:
                 off = lo - self.segments[si]["start"]
                 directions[k] = whole_dirs[si][off : off + g.numel()].to(g.dtype)
         return duals, directions
+
+    def _segments_of(self, ci: int) -> list[int]:
+        return [si for si, seg in enumerate(self.segments) if seg["comp"] == ci]
+
+    def _component_blocks(self, ci: int, regions: list[torch.Tensor]) -> list[torch.Tensor]:
+        """A component's flat part regions as the column blocks of its matrix (a bias: one column)."""
+        return [g.view(part.shape) if len(part.shape) == 2 else g.view(-1, 1)
+                for g, part in zip(regions, self.plan.components[ci].parts)]
+
+    @staticmethod
+    def _split_columns(o: torch.Tensor, blocks: list[torch.Tensor]) -> list[torch.Tensor]:
+        out, col = [], 0
+        for block in blocks:
+            out.append(o[:, col : col + block.shape[1]].reshape(-1))
+            col += block.shape[1]
+        return out
+
+    def _owner_exchange(self, pieces, selected: list[int]):
+        """One OwnerExchange per piece layout (the layout's all_gather runs once)."""
+        from agdlm.parallel.owners import OwnerExchange
+
+        cached = getattr(self, "_exchange", None)
+        if cached is not None and cached[0] == self._pieces_key:
+            return cached[1]
+        region_of = {si: r for r, si in enumerate(sorted(self._spectral_segments))}
+        sizes = [self.segments[si]["stop"] - self.segments[si]["start"] for si in sorted(self._spectral_segments)]
+        jobs, costs = [], []
+        for ci in self._spectral:
+            segs = self._segments_of(ci)
+            jobs.append([region_of[si] for si in segs])
+            rows = self.plan.components[ci].parts[0].shape[0]
+            cols = sum(p.shape[1] if len(p.shape) == 2 else 1 for p in self.plan.components[ci].parts)
+            short, long = min(rows, cols), max(rows, cols)
+            costs.append(float(short * short * (2 * long + short)))  # Newton-Schulz's flops, up to a constant
+        local = [(region_of[pieces[k][0]], pieces[k][3] - self.segments[pieces[k][0]]["start"], pieces[k][2].numel())
+                 for k in selected]
+        exchange = OwnerExchange(getattr(self.binding, "group", None), sizes, jobs, costs, local)
+        self._exchange = (self._pieces_key, exchange)
+        return exchange
+
+    def _sharded_spectral_directions(self, pieces) -> tuple[dict, dict]:
+        selected = [k for k, (si, _, g, _) in enumerate(pieces) if g is not None and si in self._spectral_segments]
+        exchange = self._owner_exchange(pieces, selected)
+
+        def orthogonalise_owned(owned: dict) -> dict:
+            out = {}
+            for j, regions in owned.items():
+                ci = self._spectral[j]
+                blocks = self._component_blocks(ci, [r.float() for r in regions])
+                m = torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
+                out[j] = self._split_columns(orthogonalise(m), blocks)
+            return out
+
+        results = exchange.run([pieces[k][2] for k in selected], orthogonalise_owned, torch.float32,
+                               self.params[0].device)
+        self.exchange_bytes = exchange.bytes_sent
+        # this rank's terms: <g, O> per component, ||O||^2 per segment (reduced with the step's vector)
+        comp_pos = {ci: i for i, ci in enumerate(self._spectral)}
+        seg_pos = {si: len(self._spectral) + i for i, si in enumerate(sorted(self._spectral_segments))}
+        device = self.params[0].device
+        partial = torch.zeros(len(self._spectral) + len(seg_pos), dtype=torch.float64, device=device)
+        directions = {}
+        for k, o in zip(selected, results):
+            si, _, g, _ = pieces[k]
+            partial[comp_pos[self.segments[si]["comp"]]] += (g.reshape(-1).float().double() * o.double()).sum()
+            partial[seg_pos[si]] += o.square().sum().double()
+            directions[k] = o.to(g.dtype)
+        return {"partial": partial}, directions
+
+    def _spectral_sums(self, reduced: torch.Tensor) -> dict:
+        """The all-reduced partial terms of _sharded_spectral_directions: {component: <g, O>}
+        (and ||O||^2 per segment, for the diagnostics)."""
+        nc = len(self._spectral)
+        self._direction_sq = {si: reduced[nc + i] for i, si in enumerate(sorted(self._spectral_segments))}
+        return {ci: reduced[i] for i, ci in enumerate(self._spectral)}
 
     def _weight_norms_sq(self, pieces, device, reduce: bool = True) -> torch.Tensor:
         """||W_part||^2 of every part (one reduce: a collective on a sharded binding)."""

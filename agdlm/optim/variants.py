@@ -13,10 +13,11 @@ table, with constants declared here once and never tuned per run.
 - `spectral_momentum`: both.
 
 Both keep sum_l <g_l, dW_l> = -gain * eta * G exactly (with g the averaged gradient under
-momentum). `spectral` needs each matrix whole: on a sharded binding (FSDP2, DeepSpeed ZeRO)
-the matrices are assembled by one all-reduce of all matrix gradients per step (every rank
-writes only what it holds), which costs the traffic and the memory of a full gradient; each
-rank then updates its own pieces. The momentum buffers mirror the binding's gradient
+momentum). `spectral` needs each matrix whole: on a sharded binding (FSDP2, HSDP within its
+shard group, DeepSpeed ZeRO 1/2/3) each matrix is orthogonalised once, by one owner rank
+(agdlm.parallel.owners: one all-to-all sends every rank's pieces to the owners, a second
+returns each rank its own elements of O; 2(N-1)/N^2 of the matrices per rank), and each
+rank's <g, O> terms ride in the step's one all-reduce. The momentum buffers mirror the binding's gradient
 storage (`grad_storages()`): one per parameter on the local binding, this rank's shard as a
 DTensor of the parameter's placement on FSDP2 (checkpointed through DCP), one buffer the size
 of the fp32 flat partition on DeepSpeed ZeRO 1/2/3 (checkpointed by the engine with the
