@@ -12,7 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "layers": ("agdlm.optim.layers_cli", "print the AGD layer table of a config's model"),
     "prepare": ("agdlm.data.prepare", "tokenise a corpus into uint16 train_*/val_* shards"),
     "sweep": ("agdlm.sweep", "expand a sweep file into runs; run them or print launch commands"),
-    "report": ("agdlm.report", "compare runs: plots and a markdown table from their logs"),
+    "report": ("agdlm.report.cli", "compare runs: plots and a markdown table from their logs"),
     "export": ("agdlm.export", "write a single-file model from any backend's checkpoint"),
     "eval": ("agdlm.evaluate", "val loss/perplexity on any data source; HellaSwag-format multiple choice"),
     "bench": ("agdlm.bench.cli", "benchmarks that print figures: optim, data, dist, memory"),

@@ -10,7 +10,8 @@ import pytest
 pytest.importorskip("wandb")
 
 from agdlm.eval_results import record_results  # noqa: E402
-from agdlm.report import find_runs, main  # noqa: E402
+from agdlm.report.cli import main  # noqa: E402
+from agdlm.report.runs import find_runs  # noqa: E402
 from tests.test_report import write_run  # noqa: E402
 from tests.test_wandb_sink import decode, offline_runs, read_wandb_records  # noqa: E402
 
@@ -45,10 +46,11 @@ def test_report_logs_one_offline_summary_run(runs_dir, tmp_path, monkeypatch):
     assert run.job_type == "report" and run.run_group == "fixture" and run.project == "agdlm"
     assert config["runs"] == [r.name for r in find_runs([runs_dir])]
     logged = history[0]
-    for key in ("comparison/runs", "comparison/val_loss_curves", "comparison/agd_vs_adamw",
+    for key in ("comparison/runs", "comparison/val_loss_curves", "comparison/vs_adamw", "comparison/ratios",
+                "comparison/summary", "comparison/speed", "comparison/details", "comparison/agd_roles",
                 "comparison/val_loss_vs_tokens_table", "comparison/lr_transfer_table"):
         assert logged[f"{key}/_type"] == "table-file", key
-    for plot in ("val_loss_vs_tokens", "lr_transfer"):
+    for plot in ("val_loss_vs_tokens", "lr_transfer", "agd_eta", "agd_roles"):
         assert logged[f"plots/{plot}/_type"] == "image-file" and (logs[0].parent / "files" /
                                                                   logged[f"plots/{plot}/path"]).is_file()
     chart = config["_wandb/visualize/comparison/val_loss_vs_tokens"]["panel_config"]
@@ -65,9 +67,18 @@ def test_report_logs_one_offline_summary_run(runs_dir, tmp_path, monkeypatch):
     curves = table_rows(files, "comparison/val_loss_curves")
     assert {c["run"] for c in curves} == {"AGD · w64-agd-s0", "AdamW · w64-adamw-lr0.001-s0",
                                           "AdamW · w64-adamw-lr0.003-s0"}
-    transfer = table_rows(files, "comparison/lr_transfer_table")
-    agd_line = [t["final_val_loss"] for t in transfer if t["series"].startswith("AGD")]
-    assert agd_line == [rows["w64-agd-s0"]["final_val_loss"]] * 2  # flat across AdamW's two lrs
+    transfer = table_rows(files, "comparison/lr_transfer_table")  # one series per swept family and cell
+    cell = find_runs([runs_dir])[0].cell.label
+    assert [(t["series"], t["lr"]) for t in transfer] == [(f"AdamW · {cell}", 1e-3), (f"AdamW · {cell}", 3e-3)]
+    assert [t["final_val_loss"] for t in transfer] == [rows[f"w64-adamw-lr{lr:g}-s0"]["final_val_loss"]
+                                                       for lr in (1e-3, 3e-3)]
+    # the same tables as report.md
+    md = (out / "report.md").read_text()
+    for key in ("comparison/ratios", "comparison/summary", "comparison/speed"):
+        logged_rows = table_rows(files, key)
+        assert logged_rows and all(" | ".join(map(str, r.values())) in md for r in logged_rows), key
+    details = table_rows(files, "comparison/details")
+    assert {d["setting"] for d in details} == {"AdamW", "AGD default"} and details[0]["cell"] == cell
     assert summary["runs"] == 3
 
 
