@@ -82,6 +82,8 @@ CASES = {
                                     "optim.policy=modular", "model.tie_embeddings=false",
                                     "model.activation_checkpointing=true"],
     # the baselines where they are correct (agdlm.optim.registry refuses the others)
+    # bf16 Newton-Schulz (the accelerator path, forced on the CPU here): the exchange carries bf16
+    "fsdp2-agd-spectral_momentum-bf16": ["parallel.backend=fsdp2", "optim.name=agd", "optim.variant=spectral_momentum"],
     "ddp-muon": ["parallel.backend=ddp", "optim.name=muon"],
     "ddp-prodigy": ["parallel.backend=ddp", "optim.name=prodigy", "optim.lr=1.0"],
     "ddp-schedulefree": ["parallel.backend=ddp", "optim.name=schedulefree"],
@@ -190,14 +192,16 @@ def run_case(name: str, overrides: list[str], env: DistEnv, tmp: Path) -> dict:
     # optim.compile: every piece through the compiled per-tensor update (this tiny model's
     # shards would otherwise all share the eager small-piece flat buffer), compiled afresh
     # for this case, so its graph count says that this case's steps ran compiled
-    limit = agd.FLAT_MAX_NUMEL["cpu"]
+    limit, ns_dtype = agd.FLAT_MAX_NUMEL["cpu"], agd.newton_schulz_dtype
     agd.FLAT_MAX_NUMEL["cpu"] = 1 if cfg.optim.compile else limit
     if cfg.optim.compile:
         torch._dynamo.reset()
+    if name.endswith("-bf16"):  # the case and its single-process reference
+        agd.newton_schulz_dtype = lambda device: torch.bfloat16
     try:
         return run_case_in(name, cfg, overrides, env, tmp)
     finally:
-        agd.FLAT_MAX_NUMEL["cpu"] = limit
+        agd.FLAT_MAX_NUMEL["cpu"], agd.newton_schulz_dtype = limit, ns_dtype
 
 
 def run_case_in(name: str, cfg, overrides: list[str], env: DistEnv, tmp: Path) -> dict:
@@ -254,6 +258,8 @@ def run_case_in(name: str, cfg, overrides: list[str], env: DistEnv, tmp: Path) -
             # the step itself (weights after - before), against the reference's: an optimiser
             # that moves the weights little (Prodigy's first steps) is compared where it acts
             "update_rel_err": max_rel_err({k: full[k] - init[k] for k in ref}, {k: ref[k] - init[k] for k in ref}),
+            "update_cos_min": min(float(torch.nn.functional.cosine_similarity(
+                (full[k] - init[k]).float().flatten(), (ref[k] - init[k]).float().flatten(), dim=0)) for k in ref),
             "scalars": scalars,
             "ref_scalars": ref_scalars,
         }

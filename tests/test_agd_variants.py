@@ -288,3 +288,33 @@ def test_agd_auto_precision_resolving_to_fp16_on_deepspeed_is_refused_before_any
     for precision in ("bf16", "fp32"):
         check_agd_precision(cfg, precision)
     check_agd_precision(load_config(None, ["parallel.backend=deepspeed", "optim.name=adamw"]), "fp16")
+
+
+def test_bf16_newton_schulz_direction_matches_fp32_per_matrix():
+    """The accelerator path (bf16 Newton-Schulz, same shapes stacked, Polar Express's 1.02
+    safety factor) against the fp32 one, per matrix: random matrices of several shapes (two
+    of each, so they are stacked) and the real gradients of a tiny GPT."""
+    from agdlm.optim.variants import orthogonalise_many
+
+    gen = torch.Generator().manual_seed(0)
+    random = [torch.randn(shape, generator=gen) for shape in [(64, 192), (64, 192), (192, 64), (50, 50), (50, 50), (7, 130)]]
+    m = tiny_gpt()
+    backward(m, *batch(seed=3))
+    grads = [p.grad.clone() for p in m.parameters() if p.grad is not None and p.dim() == 2]
+    for ms in (random, grads):
+        fp32 = orthogonalise_many(ms, torch.float32)
+        bf16 = orthogonalise_many(ms, torch.bfloat16)
+        for a, b in zip(fp32, bf16):
+            assert b.dtype == torch.float32 and torch.isfinite(b).all()
+            cos = float((a * b).sum() / (a.norm() * b.norm()))
+            assert cos >= 0.99, (tuple(a.shape), cos)
+            assert torch.linalg.matrix_norm(b, ord=2) < 1.3  # still a (near-)orthogonal direction
+
+
+def test_stacked_newton_schulz_equals_one_at_a_time():
+    from agdlm.optim.variants import orthogonalise, orthogonalise_many
+
+    gen = torch.Generator().manual_seed(1)
+    ms = [torch.randn(40, 24, generator=gen) for _ in range(3)] + [torch.randn(24, 40, generator=gen)]
+    for stacked, m in zip(orthogonalise_many(ms, torch.float32), ms):
+        torch.testing.assert_close(stacked, orthogonalise(m), rtol=1e-5, atol=1e-6)

@@ -37,6 +37,13 @@ def test_matches_single_process(results, case):
     # reduced gradient (another summation order) about 20x; measured 4e-6..7.3e-6.
     # muon: torch.optim.Muon runs Newton-Schulz in bf16 (8 mantissa bits), so the reduced
     # gradient's summation order flips bf16 roundings: measured 8.5e-3 relative after 3 steps.
+    # -bf16: Newton-Schulz in bf16 (the accelerator path) on both sides, and the exchange carries
+    # bf16 gradients, so the owner's matrix is one bf16 rounding (2^-9) off the reference's and
+    # bf16 iterations amplify that: measured 5.1e-2 relative on a bias after 3 steps, while each
+    # tensor's update keeps its direction (cosine >= 0.998 measured; 0.99 asserted)
+    if case.endswith("-bf16"):
+        assert r["rel_err"] < 0.1 and r["update_cos_min"] > 0.99, (r["worst"], r["update_cos_min"])
+        return
     tol = 2e-2 if "muon" in case else 2e-5 if "spectral" in case else 1e-5
     assert r["rel_err"] < tol, r["worst"]
 

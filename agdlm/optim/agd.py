@@ -69,7 +69,8 @@ import math
 import torch
 
 from agdlm.optim.rules import build_plan
-from agdlm.optim.variants import MomentumGrads, check_variant, orthogonalise, uses_momentum, uses_spectral
+from agdlm.optim.variants import (MomentumGrads, check_variant, newton_schulz_dtype, orthogonalise_many, uses_momentum,
+                                  uses_spectral)
 
 
 # ---- bindings ----------------------------------------------------------------------------
@@ -635,17 +636,17 @@ class AGD(torch.optim.Optimizer):
         returned under "partial" to ride in the step's one all-reduce (_spectral_sums)."""
         if not isinstance(self.binding, LocalBinding):
             return self._sharded_spectral_directions(pieces)
-        comps = self.plan.components
         full = {si: g for si, _, g, _ in pieces if g is not None and si in self._spectral_segments}
         if len(full) != len(self._spectral_segments):
             return {}, {}  # a matrix without gradient (not this model's training path): faithful rule
         duals, whole_dirs = {}, {}
         self._direction_sq = {}
-        for ci in self._spectral:
-            segs = self._segments_of(ci)
-            blocks = self._component_blocks(ci, [full[si].float() for si in segs])
-            m = torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
-            o = orthogonalise(m)
+        blocks_of = {ci: self._component_blocks(ci, [full[si].float() for si in self._segments_of(ci)])
+                     for ci in self._spectral}
+        ms = [torch.cat(b, dim=1) if len(b) > 1 else b[0] for b in blocks_of.values()]
+        os_ = orthogonalise_many(ms, newton_schulz_dtype(self.params[0].device))  # same shapes stacked
+        for ci, m, o in zip(self._spectral, ms, os_):
+            segs, blocks = self._segments_of(ci), blocks_of[ci]
             duals[ci] = (m.double() * o.double()).sum()  # fp32 products, exact in fp64: sums agree across layouts
             col_sq = o.square().sum(dim=0)  # per column, to split by part below
             for si, region in zip(segs, self._split_columns(o, blocks)):
@@ -654,7 +655,6 @@ class AGD(torch.optim.Optimizer):
             for si, block in zip(segs, blocks):
                 self._direction_sq[si] = col_sq[col : col + block.shape[1]].sum()
                 col += block.shape[1]
-        del comps
         directions = {}
         for k, (si, _, g, lo) in enumerate(pieces):
             if g is not None and si in whole_dirs:
@@ -705,26 +705,24 @@ class AGD(torch.optim.Optimizer):
         selected = [k for k, (si, _, g, _) in enumerate(pieces) if g is not None and si in self._spectral_segments]
         exchange = self._owner_exchange(pieces, selected)
 
-        def orthogonalise_owned(owned: dict) -> dict:
-            out = {}
-            for j, regions in owned.items():
-                ci = self._spectral[j]
-                blocks = self._component_blocks(ci, [r.float() for r in regions])
-                m = torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
-                out[j] = self._split_columns(orthogonalise(m), blocks)
-            return out
+        device = self.params[0].device
+        dtype = newton_schulz_dtype(device)  # also what the exchange carries: bf16 on accelerators
 
-        results = exchange.run([pieces[k][2] for k in selected], orthogonalise_owned, torch.float32,
-                               self.params[0].device)
+        def orthogonalise_owned(owned: dict) -> dict:
+            blocks = {j: self._component_blocks(self._spectral[j], list(regions)) for j, regions in owned.items()}
+            ms = [torch.cat(b, dim=1) if len(b) > 1 else b[0] for b in blocks.values()]
+            return {j: self._split_columns(o, blocks[j]) for j, o in zip(blocks, orthogonalise_many(ms, dtype))}
+
+        results = exchange.run([pieces[k][2] for k in selected], orthogonalise_owned, dtype, device)
         self.exchange_bytes = exchange.bytes_sent
         # this rank's terms: <g, O> per component, ||O||^2 per segment (reduced with the step's vector)
         comp_pos = {ci: i for i, ci in enumerate(self._spectral)}
         seg_pos = {si: len(self._spectral) + i for i, si in enumerate(sorted(self._spectral_segments))}
-        device = self.params[0].device
         partial = torch.zeros(len(self._spectral) + len(seg_pos), dtype=torch.float64, device=device)
         directions = {}
         for k, o in zip(selected, results):
             si, _, g, _ = pieces[k]
+            o = o.float()
             partial[comp_pos[self.segments[si]["comp"]]] += (g.reshape(-1).float().double() * o.double()).sum()
             partial[seg_pos[si]] += o.square().sum().double()
             directions[k] = o.to(g.dtype)
