@@ -21,6 +21,7 @@ import yaml
 from agdlm.model import GPTConfig
 from agdlm.optim.registry import NAMES as OPTIMISER_NAMES
 from agdlm.optim.registry import OptimiserRefused, kind_of
+from agdlm.optim.variants import VARIANTS
 
 
 class ConfigError(ValueError):
@@ -142,7 +143,7 @@ SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fiel
 CHOICES: dict[str, tuple[str, ...]] = {
     "optim.name": OPTIMISER_NAMES,
     "optim.policy": ("default", "paper", "agd_exp", "modular"),
-    "optim.variant": ("none", "momentum", "spectral", "spectral_momentum"),
+    "optim.variant": VARIANTS,
     "optim.init": ("default", "keep"),
     "data.tokenizer": ("gpt2", "bytes"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),

@@ -82,6 +82,10 @@ CASES = {
                                     "optim.policy=modular", "model.tie_embeddings=false",
                                     "model.activation_checkpointing=true"],
     # the baselines where they are correct (agdlm.optim.registry refuses the others)
+    "fsdp2-agd-spectral_momentum_rows": ["parallel.backend=fsdp2", "optim.name=agd",
+                                         "optim.variant=spectral_momentum_rows", "model.tie_embeddings=false"],
+    "zero3-agd-spectral_momentum_rows": ["parallel.backend=deepspeed", "parallel.zero_stage=3", "optim.name=agd",
+                                         "optim.variant=spectral_momentum_rows"],
     # bf16 Newton-Schulz (the accelerator path, forced on the CPU here): the exchange carries bf16
     "fsdp2-agd-spectral_momentum-bf16": ["parallel.backend=fsdp2", "optim.name=agd", "optim.variant=spectral_momentum"],
     "ddp-muon": ["parallel.backend=ddp", "optim.name=muon"],

@@ -27,9 +27,14 @@ def newton_schulz_reference(m: torch.Tensor) -> torch.Tensor:
     return x.T if flip else x
 
 
-def reference_spectral_step(model, grads, gain=1.0):
+EMBEDDINGS = ("transformer.wte.weight", "transformer.wpe.weight", "lm_head.weight")
+
+
+def reference_spectral_step(model, grads, gain=1.0, rows_for_embeddings=False):
     """(eta, G, updates): Frobenius matrix layers step along O = NS([W|b] gradient) with dual
-    <g, O>; sign and RMS layers as in the faithful table."""
+    <g, O>; sign and RMS layers as in the faithful table. rows_for_embeddings (variant
+    spectral_momentum_rows): the embeddings and head instead by rows, s = 1/sqrt(d): row v
+    along sqrt(d) g_v / ||g_v||, dual sqrt(d) sum_v ||g_v||."""
     layers = reference_layers(model)
     P = dict(model.named_parameters())
     g = {k: v.double() for k, v in grads.items()}
@@ -37,7 +42,14 @@ def reference_spectral_step(model, grads, gain=1.0):
     G, directions = 0.0, {}
     for _, comps in layers:
         for norm, s, names, dim in comps:
-            if norm == "frob":
+            if norm == "frob" and rows_for_embeddings and names[0] in EMBEDDINGS:
+                gv = g[names[0]]
+                d = gv.shape[1]
+                s = 1 / math.sqrt(d)
+                row_norms = gv.norm(dim=1, keepdim=True)
+                G += s * math.sqrt(d) * float(row_norms.sum())
+                directions[names[0]] = (s, math.sqrt(d) * torch.where(row_norms > 0, gv / row_norms, 0.0))
+            elif norm == "frob":
                 blocks = [g[n] if g[n].dim() == 2 else g[n].view(-1, 1) for n in names]
                 m = torch.cat(blocks, 1)
                 o = newton_schulz_reference(m)
@@ -75,6 +87,31 @@ def test_spectral_matches_reference_and_inner_product(bias, tied):
         torch.testing.assert_close(upd[n], upd_r[n], rtol=2e-4, atol=1e-6, msg=n)
     inner = sum(float((g[n].double() * upd[n]).sum()) for n in upd)
     assert inner == pytest.approx(-0.8 * eta_r * G_r, rel=1e-4)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_rows_variant_matches_reference_and_moves_each_embedding_row_by_eta_over_L(tied):
+    m = tiny_gpt(tied=tied, dtype=torch.float64)
+    opt = AGD(m, variant="spectral_momentum_rows", gain=0.8)
+    opt.init_weights()
+    backward(m, *batch())
+    g, w0 = grads_of(m), snapshot(m)
+    eta = float(opt.step())  # the first bias-corrected average is the gradient itself
+    eta_r, G_r, upd_r = reference_spectral_step(m, g, gain=0.8, rows_for_embeddings=True)
+    assert eta == pytest.approx(eta_r, rel=1e-5)
+    upd = updates(m, w0)
+    for n in upd:
+        torch.testing.assert_close(upd[n], upd_r[n], rtol=2e-4, atol=1e-6, msg=n)
+    inner = sum(float((g[n].double() * upd[n]).sum()) for n in upd)
+    assert inner == pytest.approx(-0.8 * eta_r * G_r, rel=1e-4)
+    embeddings = [n for n in upd if n in EMBEDDINGS]
+    assert len(embeddings) == (2 if tied else 3)
+    for n in embeddings:  # every row with a gradient moves by gain * eta / L in L2, the rest stay
+        moved = upd[n].norm(dim=1)
+        has_grad = g[n].norm(dim=1) > 0
+        assert has_grad.any()
+        torch.testing.assert_close(moved[has_grad], torch.full_like(moved[has_grad], 0.8 * eta / opt.L))
+        assert not (~has_grad).any() or float(moved[~has_grad].abs().max()) == 0.0
 
 
 def test_spectral_moves_matrices_by_eta_over_L_times_s_in_spectral_norm():
@@ -177,7 +214,7 @@ class FlatHalves:
         return vec
 
 
-@pytest.mark.parametrize("variant", ["momentum", "spectral_momentum"])
+@pytest.mark.parametrize("variant", ["momentum", "spectral_momentum", "spectral_momentum_rows"])
 def test_momentum_on_a_flat_sharded_style_binding_equals_the_local_one(variant):
     def run(flat: bool):
         m = tiny_gpt(dtype=torch.float64)
@@ -217,7 +254,7 @@ def test_an_all_zero_gradient_step_leaves_momentum_alone():
 
 
 @pytest.mark.parametrize("policy", ["default", "agd_exp", "modular"])
-@pytest.mark.parametrize("variant", ["none", "momentum", "spectral"])
+@pytest.mark.parametrize("variant", ["none", "momentum", "spectral", "spectral_momentum_rows"])
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
 def test_non_finite_gradient_skips_the_step(policy, variant, bad):
     m = tiny_gpt(bias=True, tied=policy != "modular")

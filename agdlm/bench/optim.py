@@ -100,7 +100,7 @@ def time_interleaved(steps: dict, device, warmup: int, repeats: int) -> dict[str
 
 
 def bench_case(name: str, shapes: dict, device, warmup: int, repeats: int, sync_check: bool = False,
-               compiled: bool = False) -> dict:
+               compiled: bool = False, variant: str = "none") -> dict:
     from agdlm.model import GPT, GPTConfig
     from agdlm.optim import AGD
 
@@ -114,7 +114,7 @@ def bench_case(name: str, shapes: dict, device, warmup: int, repeats: int, sync_
         return m
 
     m_agd, m_adam = make(), make()
-    agd = AGD(m_agd)
+    agd = AGD(m_agd, variant=variant)
     try:
         adam = torch.optim.AdamW(m_adam.parameters(), lr=1e-4, fused=True)
         adam.step()
@@ -128,7 +128,7 @@ def bench_case(name: str, shapes: dict, device, warmup: int, repeats: int, sync_
     steps = {"agd": agd.step, "adamw": adam.step}
     comp = None
     if compiled:  # AGD(compile=True) on a third copy: its first step compiles
-        agd_c = AGD(make(), compile=True)
+        agd_c = AGD(make(), compile=True, variant=variant)
         _sync(device)
         t0 = time.perf_counter()
         agd_c.step()
@@ -147,12 +147,42 @@ def bench_case(name: str, shapes: dict, device, warmup: int, repeats: int, sync_
     for _ in range(3):
         agd.log_metrics()
     log_s = (time.perf_counter() - t0) / 3
+    ns_ms = newton_schulz_ms(agd.step, device) if variant != "none" else None
     params = list(m_agd.parameters())
     kernels = (cuda_kernels(agd.step), cuda_kernels(adam.step)) if device.type == "cuda" else None
     return dict(case=name, kernels=kernels, compiled=comp, tensors=len(params), params=sum(p.numel() for p in params), kind=kind,
                 agd_ms=med["agd"] * 1e3, adamw_ms=med["adamw"] * 1e3, ratio=med["agd"] / med["adamw"],
                 ops=ops, compute_ops=compute, adamw_ops=adam_ops, adamw_compute_ops=adam_compute,
-                log_metrics_ms=log_s * 1e3, bytes_per_param=next(m_agd.parameters()).element_size())
+                log_metrics_ms=log_s * 1e3, bytes_per_param=next(m_agd.parameters()).element_size(), ns_ms=ns_ms)
+
+
+def newton_schulz_ms(step, device) -> dict:
+    """Milliseconds of one AGD step spent in Newton-Schulz (timed around each call), and of
+    that the largest matrix's (the tied embedding/head at GPT-2 shapes), timed alone."""
+    from agdlm.optim import agd as agd_module
+
+    original, calls = agd_module.orthogonalise_many, []
+
+    def timed(ms, dtype):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = original(ms, dtype)
+        _sync(device)
+        calls.append((time.perf_counter() - t0, [m for m in ms], dtype))
+        return out
+
+    agd_module.orthogonalise_many = timed
+    try:
+        step()
+    finally:
+        agd_module.orthogonalise_many = original
+    biggest = max((m for _, ms, _ in calls for m in ms), key=lambda m: m.numel())
+    _sync(device)
+    t0 = time.perf_counter()
+    original([biggest], calls[0][2])
+    _sync(device)
+    return {"total": sum(t for t, _, _ in calls) * 1e3, "largest": (time.perf_counter() - t0) * 1e3,
+            "largest_shape": tuple(biggest.shape)}
 
 
 SHARDED = {"single": ["parallel.backend=single"], "fsdp2": ["parallel.backend=fsdp2"],
@@ -249,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     ap.add_argument("--sharded", action="store_true",
                     help="also time the AGD step through the FSDP2 and ZeRO-2 bindings on 2 gloo CPU ranks")
+    ap.add_argument("--variant", default="none", help="AGD's optim.variant (none, spectral, spectral_momentum, ...)")
     ap.add_argument("--optimisers", action="store_true",
                     help="also time every optimiser agdlm offers (configs/optim/*.yaml) against fused AdamW "
                          "(agdlm.bench.optimisers), at the first case's shapes")
@@ -267,10 +298,15 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         if args.sync_check and device.type != "cuda":
             ap.error("--sync-check needs a CUDA device")
-        r = bench_case(name, CASES[name], device, args.warmup, args.repeats, args.sync_check, args.compile)
+        r = bench_case(name, CASES[name], device, args.warmup, args.repeats, args.sync_check, args.compile, args.variant)
         print(f"{r['case']:<11} {r['tensors']:>7} {r['params']:>12,} {r['agd_ms']:>8.2f} {r['adamw_ms']:>9.2f} "
               f"{r['ratio']:>6.2f} {r['ops']:>8} {r['ops'] / r['tensors']:>10.2f} "
               f"{r['compute_ops'] / r['tensors']:>14.2f} {r['adamw_ops']:>9} {r['log_metrics_ms']:>14.1f}")
+        if r["ns_ms"]:
+            ns = r["ns_ms"]
+            print(f"{'':<11} variant {args.variant}: Newton-Schulz {ns['total']:.1f} ms of the step "
+                  f"({ns['total'] / r['agd_ms']:.0%}); the largest matrix {ns['largest_shape']} alone "
+                  f"{ns['largest']:.1f} ms ({ns['largest'] / r['agd_ms']:.0%} of the step)")
         if r["kernels"]:
             print(f"{'':<11} CUDA kernels per step: AGD {r['kernels'][0]}, AdamW {r['kernels'][1]}"
                   + ("; no host sync in the AGD step" if args.sync_check else ""))

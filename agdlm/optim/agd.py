@@ -70,7 +70,7 @@ import torch
 
 from agdlm.optim.rules import build_plan
 from agdlm.optim.variants import (MomentumGrads, check_variant, newton_schulz_dtype, orthogonalise_many, uses_momentum,
-                                  uses_spectral)
+                                  uses_spectral, variant_plan)
 
 
 # ---- bindings ----------------------------------------------------------------------------
@@ -161,6 +161,7 @@ class AGD(torch.optim.Optimizer):
             raise ValueError(f"AGD gain={gain} must be positive")
         check_variant(variant)
         params, names, plan = build_plan(model, policy)
+        plan = variant_plan(plan, variant)  # the variant's rule changes (spectral_momentum_rows)
         self.params: list[torch.nn.Parameter] = params
         self.param_names: list[str] = names
         self.shapes: list[tuple[int, ...]] = [tuple(p.shape) for p in params]
