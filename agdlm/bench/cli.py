@@ -8,6 +8,7 @@ BENCHMARKS = {
     "optim": "one optimiser step: AGD vs torch AdamW on GPT-2-124M-shaped parameters",
     "data": "tokenizer, streaming loader and pre-tokenised loader throughput",
     "dist": "1 and 2 CPU ranks per backend: tokens/s, AGD all-reduce bytes, optimiser state, RSS",
+    "spectral": "AGD's spectral variants on FSDP2/ZeRO ranks: bytes sent per rank, Newton-Schulz CPU time per rank",
     "memory": "start-up time and per-rank peak RSS: 1 process vs 2 ranks on FSDP2 and ZeRO-3, a wide model",
 }
 
