@@ -114,7 +114,7 @@ def orthogonalise_many(ms: list[torch.Tensor], dtype: torch.dtype) -> list[torch
         x = x.to(dtype)
         for _ in range(NS_STEPS):
             gram = x @ x.transpose(1, 2)
-            x = a * x + (b * gram + c * gram @ gram) @ x
+            x = torch.baddbmm(x, b * gram + c * gram @ gram, x, beta=a)  # a x + (b G + c G^2) x: one new x
         x = x.float()
         if tall:
             x = x.transpose(1, 2)

@@ -92,10 +92,14 @@ class OwnerExchange:
 
     def run(self, values: list[torch.Tensor], fn: Callable[[dict], dict], dtype: torch.dtype,
             device: torch.device) -> list[torch.Tensor]:
+        # Each buffer is dropped as soon as the next one is filled: at most the pieces, the
+        # owned regions and one exchange buffer are alive together.
         send = (torch.cat([values[i].reshape(-1).to(dtype) for i in self.send_order]) if self.send_order
                 else torch.zeros(0, dtype=dtype, device=device))
+        sent_numel, element_size = send.numel(), send.element_size()
         recv = torch.empty(sum(self.recv_splits), dtype=dtype, device=device)
         self._all_to_all(recv, send, self.recv_splits, self.send_splits)
+        del send
         regions = {r: torch.empty(self.region_sizes[r], dtype=dtype, device=device)
                    for j in self.owned_jobs for r in self.jobs[j]}
         at = 0
@@ -103,18 +107,23 @@ class OwnerExchange:
             for region, offset, n in pieces:
                 regions[region][offset : offset + n] = recv[at : at + n]
                 at += n
+        del recv
         results = fn({j: [regions[r] for r in self.jobs[j]] for j in self.owned_jobs})
-        result_regions = {r: out.reshape(-1).to(dtype) for j in self.owned_jobs for r, out in zip(self.jobs[j], results[j])}
-        back = torch.empty_like(recv)
+        del regions
+        result_regions = {r: out.reshape(-1) for j in self.owned_jobs for r, out in zip(self.jobs[j], results[j])}
+        del results
+        back = torch.empty(sum(self.recv_splits), dtype=dtype, device=device)
         at = 0
         for _, pieces in self.recv:  # the same order the pieces came in: each rank's own elements
             for region, offset, n in pieces:
                 back[at : at + n] = result_regions[region][offset : offset + n]
                 at += n
-        returned = torch.empty_like(send)
+        del result_regions
+        returned = torch.empty(sent_numel, dtype=dtype, device=device)
         self._all_to_all(returned, back, self.send_splits, self.recv_splits)
-        self.bytes_sent = (send.numel() - self.send_splits[self.rank] + back.numel() - self.recv_splits[self.rank]) \
-            * send.element_size()
+        self.bytes_sent = (sent_numel - self.send_splits[self.rank] + back.numel() - self.recv_splits[self.rank]) \
+            * element_size
+        del back
         out: list[torch.Tensor | None] = [None] * len(values)
         at = 0
         for i in self.send_order:
