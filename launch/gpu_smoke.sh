@@ -4,7 +4,10 @@
 # download); prints tokens/s, MFU and peak memory per backend, and fails loudly. First, one
 # AGD step at GPT-2-124M and 1.5B shapes under torch.cuda.set_sync_debug_mode("error") (any host
 # sync raises), with its CUDA kernel count and time against fused AdamW, eager and with
-# optim.compile (the step's scales and updates through torch.compile).
+# optim.compile (the step's scales and updates through torch.compile). Then (GPU only) the
+# recommended AGD's cost on one GPU: its Newton-Schulz share (bench optim --variant), and
+# tokens/s of AdamW, the faithful AGD, spectral_momentum and spectral_momentum_rows at
+# micro-batch 16 x 1,024 without accumulation and at nanoGPT's ~0.5M tokens per step.
 #
 #   launch/gpu_smoke.sh                 # all GPUs of this node
 #   NPROC=2 STEPS=10 launch/gpu_smoke.sh
@@ -40,6 +43,27 @@ run() {  # name, overrides...
 if [[ "${SMOKE_CPU:-0}" != "1" ]]; then
   echo "=== AGD step at GPT-2-124M and 1.5B shapes, eager and compiled: no host sync, kernels, time vs fused AdamW ==="
   "$PYTHON" -m agdlm bench optim --cases gpt2-124m,gpt2-1.5b --sync-check --compile --repeats 5
+fi
+if [[ "${SMOKE_CPU:-0}" != "1" ]]; then
+  for v in spectral_momentum spectral_momentum_rows; do
+    echo "=== AGD variant $v: step time, Newton-Schulz share (bf16, stacked by shape) ==="
+    "$PYTHON" -m agdlm bench optim --cases gpt2-124m --variant "$v" --compile --repeats 5
+  done
+  SPEED_STEPS=${SPEED_STEPS:-12}
+  for opt in adamw agd spectral_momentum spectral_momentum_rows; do
+    case $opt in
+      adamw) O=(optim.name=adamw optim.warmup_steps=2) ;;
+      agd) O=(optim.name=agd optim.compile=true) ;;
+      *) O=(optim.name=agd optim.compile=true "optim.variant=$opt") ;;
+    esac
+    for batch in 16 512; do  # no accumulation; 32 micro-batches of 16 x 1,024 (524,288 tokens a step)
+      steps=$([[ $batch == 16 ]] && echo $((SPEED_STEPS * 4)) || echo "$SPEED_STEPS")
+      echo "=== speed: $opt, global batch $batch (1 GPU) ==="
+      "$HERE/torchrun.sh" --nproc-per-node 1 -- "${COMMON[@]}" parallel.backend=single train.micro_batch_size=16 \
+        "train.global_batch_size=$batch" "train.max_steps=$steps" log.interval=2 "${O[@]}" "train.run_name=speed-$opt-b$batch"
+      NAMES+=("speed-$opt-b$batch")
+    done
+  done
 fi
 run fsdp2 parallel.backend=fsdp2
 run zero1 parallel.backend=deepspeed parallel.zero_stage=1
