@@ -192,20 +192,10 @@ SHARDED = {"single": ["parallel.backend=single"], "fsdp2": ["parallel.backend=fs
 def _sharded_worker(rank: int, world: int, port: int, overrides: list[str], steps: int, out: str) -> None:
     """The AGD step inside a real backend (its binding, its all-reduce): host time of each
     `AGD.step` and of the `binding.reduce` calls in it, on every rank."""
-    from agdlm.bench.ranks import finish_rank, join_cpu_group
+    from agdlm.bench.ranks import cpu_backend, finish_rank, join_cpu_group
 
     join_cpu_group(rank, world, port)
-    from agdlm.config import load_config
-    from agdlm.model import GPT
-    from agdlm.parallel import build_backend
-    from agdlm.parallel.env import DistEnv
-    from agdlm.train import make_optimizer_factory
-
-    cfg = load_config(None, overrides)
-    env = DistEnv(rank=rank, local_rank=rank, world_size=world, device=torch.device("cpu"))
-    torch.manual_seed(0)
-    backend = build_backend(cfg, env)
-    backend.setup(GPT(cfg.model), make_optimizer_factory(cfg, "cpu"))
+    cfg, backend = cpu_backend(rank, world, overrides)
     opt = backend.optimizer
     # wall time of each step and of its all-reduce; and the CPU time of the rank's thread in the
     # step outside the all-reduce: the host work the binding costs, which the 2 ranks sharing

@@ -27,6 +27,24 @@ def join_cpu_group(rank: int, world: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
 
 
+def cpu_backend(rank: int, world: int, overrides: list[str]):
+    """(config, backend) of this rank: the model built and bound as `agdlm train` would, on the CPU."""
+    import torch
+
+    from agdlm.config import load_config
+    from agdlm.model import GPT
+    from agdlm.parallel import build_backend
+    from agdlm.parallel.env import DistEnv
+    from agdlm.train import make_optimizer_factory
+
+    cfg = load_config(None, overrides)
+    env = DistEnv(rank=rank, local_rank=rank, world_size=world, device=torch.device("cpu"))
+    torch.manual_seed(0)
+    backend = build_backend(cfg, env)
+    backend.setup(GPT(cfg.model), make_optimizer_factory(cfg, "cpu"))
+    return cfg, backend
+
+
 def finish_rank(rank: int, out: str, record: dict) -> None:
     import torch.distributed as dist
 

@@ -24,24 +24,15 @@ BACKENDS = {"fsdp2": ["parallel.backend=fsdp2"], "zero2": ["parallel.backend=dee
 
 
 def _worker(rank: int, world: int, port: int, overrides: list[str], steps: int, out: str) -> None:
-    from agdlm.bench.ranks import finish_rank, join_cpu_group
+    from agdlm.bench.ranks import cpu_backend, finish_rank, join_cpu_group
 
     join_cpu_group(rank, world, port)
     import torch
     import torch.distributed as dist
 
-    from agdlm.config import load_config
-    from agdlm.model import GPT
     from agdlm.optim import agd as agd_module
-    from agdlm.parallel import build_backend
-    from agdlm.parallel.env import DistEnv
-    from agdlm.train import make_optimizer_factory
 
-    cfg = load_config(None, overrides)
-    env = DistEnv(rank=rank, local_rank=rank, world_size=world, device=torch.device("cpu"))
-    torch.manual_seed(0)
-    backend = build_backend(cfg, env)
-    backend.setup(GPT(cfg.model), make_optimizer_factory(cfg, "cpu"))
+    cfg, backend = cpu_backend(rank, world, overrides)
     counted = {"sent": 0, "ns_s": 0.0}
     # the Newton-Schulz entry point: orthogonalise_many, or (before it existed) orthogonalise
     ns_name = "orthogonalise_many" if hasattr(agd_module, "orthogonalise_many") else "orthogonalise"
