@@ -80,10 +80,10 @@ def completed(command: list[str]) -> subprocess.CompletedProcess:
     return finish(start(command))
 
 
-def rank_stderr(run_dir: Path) -> list[str]:
-    """Each rank's stderr of the torchrun launch (its --log-dir; cleared before each launch read),
-    rank 0 first."""
-    logs = (run_dir.parent / (run_dir.name + ".logs")).glob("*/attempt_0/*/stderr.log")
+def rank_stderr(run_dir: Path, stream: str = "stderr") -> list[str]:
+    """Each rank's stderr (or stdout) of the torchrun launch (its --log-dir; cleared before each
+    launch read), rank 0 first."""
+    logs = (run_dir.parent / (run_dir.name + ".logs")).glob(f"*/attempt_0/*/{stream}.log")
     return [p.read_text() for p in sorted(logs, key=lambda p: int(p.parent.name))]
 
 
@@ -285,7 +285,7 @@ def test_damaged_shard_files_fall_back_to_the_newest_good_checkpoint(two_rank_ru
         assert result.returncode == 0, result.stderr[-4000:]
         warnings = [line for text in rank_stderr(run_dir) for line in our_lines(text)]
         assert len(warnings) == 1 and f"step_6/{name}" in warnings[0] and "corrupt_step_6" in warnings[0], warnings
-        assert "from step_4 (step 4)" in result.stdout
+        assert "from step_4 (step 4)" in rank_stderr(run_dir, "stdout")[0]
         assert (run_dir / "checkpoints" / "corrupt_step_6").is_dir() and latest_step(run_dir) == "step_6"
         assert curve(run_dir) == curve(straight)
         assert same_weights(run_dir, straight)
