@@ -127,6 +127,18 @@ def same_weights(a: Path, b: Path) -> bool:
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def flip_bytes(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 8] = bytes(b ^ 0xFF for b in data[middle:middle + 8])
+    path.write_bytes(bytes(data))
+
+
+
 # ---- one process: the exit code, a second signal and SIGKILL during the save ---------------------
 
 @pytest.fixture(scope="module")
@@ -199,6 +211,34 @@ def test_a_lost_manifest_is_a_damaged_checkpoint(straight_run, tmp_path):
     assert curve(run_dir) == curve(straight_run)
 
 
+def agdlm(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "agdlm", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_sample_and_export_pass_over_a_damaged_checkpoint_and_leave_it(straight_run, tmp_path):
+    run_dir = Path(shutil.copytree(straight_run, tmp_path / "runs" / "read"))
+    flip_bytes(run_dir / "checkpoints" / "step_6" / "model.pt")
+    out = tmp_path / "new" / "folder" / "model.safetensors"  # its folder does not exist yet
+
+    exported = agdlm("export", run_dir, out)
+    assert exported.returncode == 0, exported.stderr
+    warning = exported.stderr.strip().splitlines()
+    assert len(warning) == 1 and "step_6/model.pt does not match its manifest.json" in warning[0], warning
+    assert "using step_4" in warning[0]
+    from safetensors import safe_open
+
+    with safe_open(str(out), framework="pt") as f:
+        assert f.metadata()["step"] == "4"
+    sampled = agdlm("sample", run_dir, "--max-new-tokens", "2", "--device", "cpu")
+    assert sampled.returncode == 0 and "using step_4" in sampled.stderr, sampled.stderr
+    assert (run_dir / "checkpoints" / "step_6").is_dir()  # left where it is: only the trainer moves it aside
+
+    chosen = agdlm("export", run_dir, tmp_path / "chosen.pt", "--checkpoint", "step_6")
+    assert chosen.returncode == 2 and not (tmp_path / "chosen.pt").exists()
+    assert len(chosen.stderr.strip().splitlines()) == 1 and "step_6/model.pt" in chosen.stderr
+
+
 # ---- two ranks under torchrun: FSDP2 and DeepSpeed ZeRO-2 -----------------------------------------
 
 BACKENDS = {
@@ -255,17 +295,6 @@ def test_two_ranks_preempted_between_steps_and_in_the_backward_lose_nothing(two_
 
 
 # ---- damaged checkpoint files: fallback, set aside, one line ---------------------------------------
-
-def truncate(path: Path) -> None:
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-
-
-def flip_bytes(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    middle = len(data) // 2
-    data[middle:middle + 8] = bytes(b ^ 0xFF for b in data[middle:middle + 8])
-    path.write_bytes(bytes(data))
-
 
 DAMAGE = {  # backend: (file in step_6, how)
     "fsdp2": [("dcp/__1_0.distcp", truncate), ("dcp/__0_0.distcp", Path.unlink)],
