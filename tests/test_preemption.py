@@ -54,11 +54,17 @@ def start(command: list[str], pause_at: str = "", pause_file: Path | None = None
     env.update(PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
     if pause_at:
         env.update(AGDLM_FAULT_PAUSE_AT=pause_at, AGDLM_FAULT_PAUSE_FILE=str(pause_file))
-    return subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group: a hung launch is killed whole
 
 
 def finish(proc: subprocess.Popen, timeout: int = 300) -> subprocess.CompletedProcess:
-    out, err = proc.communicate(timeout=timeout)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its workers (a rank that acts alone hangs the others)
+        out, err = proc.communicate()
+        pytest.fail(f"the run did not end within {timeout} s:\n{err[-4000:]}")
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
@@ -72,7 +78,7 @@ def paused_pid(pause_file: Path, place: str, proc: subprocess.Popen, timeout: fl
         if proc.poll() is not None:
             pytest.fail(f"the run ended before pausing at {place}:\n{proc.stderr.read()[-4000:]}")
         time.sleep(0.05)
-    proc.kill()
+    os.killpg(proc.pid, signal.SIGKILL)
     pytest.fail(f"no rank paused at {place} within {timeout} s")
 
 
@@ -237,6 +243,29 @@ def test_sample_and_export_pass_over_a_damaged_checkpoint_and_leave_it(straight_
     chosen = agdlm("export", run_dir, tmp_path / "chosen.pt", "--checkpoint", "step_6")
     assert chosen.returncode == 2 and not (tmp_path / "chosen.pt").exists()
     assert len(chosen.stderr.strip().splitlines()) == 1 and "step_6/model.pt" in chosen.stderr
+
+
+def test_checkpoints_by_time_as_well_as_by_steps(tiny_overrides):
+    from agdlm.config import load_config
+    from agdlm.train import train
+
+    common = tiny_overrides + ["train.max_steps=4", "train.ckpt_interval=100", "train.keep_checkpoints=10"]
+    by_time = Path(train(load_config(None, common + ["train.run_name=t", "train.ckpt_every_minutes=1e-6"]))["run_dir"])
+    assert sorted(p.name for p in (by_time / "checkpoints").glob("step_*")) == [f"step_{n}" for n in (1, 2, 3, 4)]
+    by_steps = Path(train(load_config(None, common + ["train.run_name=s"]))["run_dir"])
+    assert sorted(p.name for p in (by_steps / "checkpoints").glob("step_*")) == ["step_4"]  # the end only
+
+
+@pytest.mark.parametrize("override, named", [
+    ("train.preempt_signals=[SIGKILL]", "SIGKILL cannot be caught"),
+    ("train.preempt_signals=[TERM]", "'TERM' is not a signal name"),
+    ("train.ckpt_every_minutes=0", "train.ckpt_every_minutes=0.0 must be positive"),
+])
+def test_bad_preemption_settings_are_one_config_line(override, named):
+    from agdlm.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=named):
+        load_config(None, [override])
 
 
 # ---- two ranks under torchrun: FSDP2 and DeepSpeed ZeRO-2 -----------------------------------------
