@@ -37,8 +37,8 @@ class ConsoleSink:
         if record["kind"] == "eval":
             line = f"step {record['step']:>6} | val loss {record['val_loss']:.4f} | tokens {record['tokens']:,}"
         elif record["kind"] == "preempt":
-            line = (f"step {record['step']:>6} | preempted by {record['signal']} | checkpoint {record['checkpoint']} "
-                    f"{record['signal_to_checkpoint_s']:.1f} s after the signal")
+            line = (f"step {record['step']:>6} | preempted by {record['signal']} | checkpoint "
+                    f"{record['checkpoint'] or 'none'} {record['signal_to_checkpoint_s']:.1f} s after the signal")
         else:
             size = (
                 f"eta {record['agd_eta']:.4g} G {record['agd_G']:.4g}"

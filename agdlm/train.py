@@ -677,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"agdlm: {e}", file=sys.stderr)
         code = 3
-    except Preempted as e:  # the checkpoint is written: the job script requeues on this code
+    except Preempted as e:  # the checkpoint is written: launching the run again resumes it
         print(f"agdlm: {e}", file=sys.stderr)
         code = PREEMPTED_EXIT_CODE
     except (ResumeRefused, DiskFullError, MetricsFileError, BindingInternalsMissing) as e:
