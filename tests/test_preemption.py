@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -310,6 +311,7 @@ def test_two_ranks_preempted_between_steps_and_in_the_backward_lose_nothing(two_
     os.kill(paused_pid(pause, "backward:5", proc), signal.SIGTERM)
     result = finish(proc)
     assert result.returncode != 0
+    assert len(re.findall(r"exitcode\s*:\s*75 ", result.stderr)) == 2, result.stderr[-3000:]  # torchrun's report
     lines = [our_lines(text) for text in rank_stderr(run_dir)]
     assert len(lines) == 2 and lines[0] == lines[1] and len(lines[0]) == 1, lines
     assert "preempted by SIGTERM at step 5: checkpoint step_5 written" in lines[0][0], lines
@@ -363,7 +365,7 @@ def test_a_bad_fraction_stop_on_one_rank_stops_both_with_the_same_line(tmp_path)
     run_dir = tmp_path / "runs" / "bad"
     result = completed(two_ranks(run_dir, "parallel.backend=ddp", f"data.source={source}", "data.mode=stream"))
 
-    assert result.returncode != 0
+    assert result.returncode != 0 and len(re.findall(r"exitcode\s*:\s*2 ", result.stderr)) == 2, result.stderr[-3000:]
     texts = rank_stderr(run_dir)
     lines = [our_lines(text) for text in texts]
     assert len(lines) == 2 and lines[0] == lines[1] and len(lines[0]) == 1, texts
