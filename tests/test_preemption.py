@@ -87,7 +87,7 @@ def completed(command: list[str]) -> subprocess.CompletedProcess:
     return finish(start(command))
 
 
-def rank_stderr(run_dir: Path, stream: str = "stderr") -> list[str]:
+def rank_output(run_dir: Path, stream: str = "stderr") -> list[str]:
     """Each rank's stderr (or stdout) of the torchrun launch (its --log-dir; cleared before each
     launch read), rank 0 first."""
     logs = (run_dir.parent / (run_dir.name + ".logs")).glob(f"*/attempt_0/*/{stream}.log")
@@ -300,7 +300,7 @@ def test_two_ranks_preempted_between_steps_and_in_the_backward_lose_nothing(two_
     proc.send_signal(signal.SIGTERM)
     result = finish(proc)
     assert result.returncode != 0  # torchrun itself ends on the signal
-    lines = [our_lines(text) for text in rank_stderr(run_dir)]
+    lines = [our_lines(text) for text in rank_output(run_dir)]
     assert len(lines) == 2 and lines[0] == lines[1] and len(lines[0]) == 1, lines
     assert "preempted by SIGTERM at step 3: checkpoint step_3 written" in lines[0][0], lines
     assert latest_step(run_dir) == "step_3" and preemption_marks(run_dir) == [(3, "SIGTERM", "step_3")]
@@ -312,7 +312,7 @@ def test_two_ranks_preempted_between_steps_and_in_the_backward_lose_nothing(two_
     result = finish(proc)
     assert result.returncode != 0
     assert len(re.findall(r"exitcode\s*:\s*75 ", result.stderr)) == 2, result.stderr[-3000:]  # torchrun's report
-    lines = [our_lines(text) for text in rank_stderr(run_dir)]
+    lines = [our_lines(text) for text in rank_output(run_dir)]
     assert len(lines) == 2 and lines[0] == lines[1] and len(lines[0]) == 1, lines
     assert "preempted by SIGTERM at step 5: checkpoint step_5 written" in lines[0][0], lines
     assert latest_step(run_dir) == "step_5"  # the step in flight: none lost
@@ -343,9 +343,9 @@ def test_damaged_shard_files_fall_back_to_the_newest_good_checkpoint(two_rank_ru
         damage(run_dir / "checkpoints" / "step_6" / name)
         result = completed(two_ranks(run_dir, *BACKENDS[backend]))
         assert result.returncode == 0, result.stderr[-4000:]
-        warnings = [line for text in rank_stderr(run_dir) for line in our_lines(text)]
+        warnings = [line for text in rank_output(run_dir) for line in our_lines(text)]
         assert len(warnings) == 1 and f"step_6/{name}" in warnings[0] and "corrupt_step_6" in warnings[0], warnings
-        assert "from step_4 (step 4)" in rank_stderr(run_dir, "stdout")[0]
+        assert "from step_4 (step 4)" in rank_output(run_dir, "stdout")[0]
         assert (run_dir / "checkpoints" / "corrupt_step_6").is_dir() and latest_step(run_dir) == "step_6"
         assert curve(run_dir) == curve(straight)
         assert same_weights(run_dir, straight)
@@ -366,7 +366,7 @@ def test_a_bad_fraction_stop_on_one_rank_stops_both_with_the_same_line(tmp_path)
     result = completed(two_ranks(run_dir, "parallel.backend=ddp", f"data.source={source}", "data.mode=stream"))
 
     assert result.returncode != 0 and len(re.findall(r"exitcode\s*:\s*2 ", result.stderr)) == 2, result.stderr[-3000:]
-    texts = rank_stderr(run_dir)
+    texts = rank_output(run_dir)
     lines = [our_lines(text) for text in texts]
     assert len(lines) == 2 and lines[0] == lines[1] and len(lines[0]) == 1, texts
     assert "agdlm: data error:" in lines[0][0] and "b.jsonl" in lines[0][0] and "max_bad_fraction" in lines[0][0]
