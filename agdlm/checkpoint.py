@@ -6,6 +6,11 @@ A folder is filled under a temporary name and renamed into place only when compl
 loadable. Whatever a backend writes inside the folder is its own business; what a resume
 needs from it (`checkpoint_problem`) is checked here, before anything is loaded.
 
+Each folder's manifest.json (agdlm.manifest), written last, lists its files with sizes and
+checksums: `checkpoint_problem` (a resume) and `readable_checkpoint` (sample, export, eval)
+find a cut, changed or missing file before anything is loaded. Folders written before
+manifests existed have none and are checked as before.
+
 A write that fails because the disk is full raises DiskFullError naming the file, and
 leaves no temporary file behind."""
 
@@ -22,6 +27,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from agdlm.manifest import MANIFEST, manifest_problem
 
 TMP_PREFIX = ".tmp_"
 CORRUPT_PREFIX = "corrupt_"  # a checkpoint set aside: never pruned, never resumed from
@@ -150,14 +157,20 @@ def resume_candidates(run_dir: Path) -> tuple[list[Path], str | None]:
 
 
 def checkpoint_problem(folder: Path, layout: str, rank: int, world_size: int) -> str | None:
-    """The first thing wrong with `folder` for a resume on `rank` of `world_size`: a file the
-    layout needs that is missing, empty, truncated or unreadable ("PATH: reason"); None when
-    every such file is present and loads. Reads nothing a backend would unpickle as code:
-    torch files of the plain layout load with weights_only, others are checked as archives."""
+    """The first thing wrong with `folder` for a resume on `rank` of `world_size`: a file of
+    this rank's share of the manifest that does not match it, or a file the layout needs that
+    is missing, empty, truncated or unreadable ("PATH: reason"); None when every such file is
+    present and loads. Reads nothing a backend would unpickle as code: torch files of the
+    plain layout load with weights_only, others are checked as archives."""
+    problem = manifest_problem(folder, rank, world_size)
+    if problem:
+        return problem
     trainer = folder / "trainer.json"
     state, problem = json_object_problem(trainer, required=("step", "world_size"))
     if problem:
         return problem
+    if state.get("manifest") and not (folder / MANIFEST).is_file():  # written with one: it was lost
+        return f"{folder / MANIFEST} is missing"
     problem = json_object_problem(folder / "data.json")[1]
     if problem:
         return problem
@@ -167,6 +180,45 @@ def checkpoint_problem(folder: Path, layout: str, rank: int, world_size: int) ->
             return problem
     if state["world_size"] == world_size:  # the RNG state is restored only on the same world size
         return file_problem(folder / f"rng_rank{rank}.pt", "torch")
+    return None
+
+
+class NoReadableCheckpoint(Exception):
+    """No checkpoint of a run folder is whole; the message names each one's problem."""
+
+
+def readable_checkpoint(run_dir: Path) -> tuple[Path, list[str]]:
+    """For the commands that only read a run (sample, export, eval): the newest checkpoint whose
+    trainer.json reads and whose files match its manifest, and one warning for each newer one
+    passed over. Nothing is renamed: the folder may belong to a run still training, and only
+    its trainer moves a bad checkpoint aside (at its next resume)."""
+    candidates, pointer_warning = resume_candidates(run_dir)
+    if not candidates:
+        raise FileNotFoundError(f"{run_dir} has no checkpoint yet (checkpoints/latest is missing)")
+    passed_over: list[tuple[Path, str]] = []
+    for folder in candidates:
+        problem = read_problem(folder)
+        if problem is None:
+            warnings = [pointer_warning] if pointer_warning else []
+            return folder, warnings + [f"checkpoint {bad.name} is unusable ({why}); using {folder.name}"
+                                       for bad, why in passed_over]
+        passed_over.append((folder, problem))
+    if len(passed_over) == 1:
+        raise NoReadableCheckpoint(passed_over[0][1])
+    raise NoReadableCheckpoint(f"no checkpoint of {run_dir} is whole: " + "; ".join(why for _, why in passed_over))
+
+
+def read_problem(folder: Path) -> str | None:
+    """What makes `folder` unreadable for sample or export: a damaged trainer.json, or a file that
+    does not match the manifest (or a lost manifest)."""
+    problem = manifest_problem(folder)
+    if problem:
+        return problem
+    state, problem = json_object_problem(folder / "trainer.json", required=("step",))
+    if problem:
+        return problem
+    if state.get("manifest") and not (folder / MANIFEST).is_file():
+        return f"{folder / MANIFEST} is missing"
     return None
 
 
@@ -262,9 +314,12 @@ def commit_checkpoint(run_dir: Path, step: int, keep: int) -> Path:
 
 
 def write_checkpoint(run_dir: Path, step: int, keep: int, fill: Callable[[Path], None]) -> Path:
-    """Single-writer convenience: begin, let `fill(folder)` write the files, commit."""
+    """Single-writer convenience: begin, let `fill(folder)` write the files, seal, commit."""
+    from agdlm.manifest import seal
+
     folder = begin_checkpoint(run_dir, step)
     fill(folder)
+    seal(folder)
     return commit_checkpoint(run_dir, step, keep)
 
 

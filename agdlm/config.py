@@ -22,6 +22,7 @@ from agdlm.model import GPTConfig
 from agdlm.optim.registry import NAMES as OPTIMISER_NAMES
 from agdlm.optim.registry import OptimiserRefused, kind_of
 from agdlm.optim.variants import VARIANTS
+from agdlm.preemption import signal_name_problem
 
 
 class ConfigError(ValueError):
@@ -73,7 +74,10 @@ class TrainConfig:
     eval_interval: int = 50
     eval_batches: int = 8
     ckpt_interval: int = 100
+    ckpt_every_minutes: float | None = None  # also checkpoint once this many minutes passed since the last one
     keep_checkpoints: int = 2
+    # signals that ask for a checkpoint at the next step boundary, then exit 75 (agdlm.preemption)
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     max_skipped_steps: int = 3  # AGD: stop after this many consecutive steps skipped for a non-finite G
     seed: int = 1337
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
@@ -424,6 +428,12 @@ def validate(cfg: Config) -> None:
     if m.init_from and kind.initialises_weights(o):
         raise ConfigError(f"model.init_from={m.init_from!r} with optim.name={o.name}: its init_weights (part of the "
                           "algorithm) would overwrite those weights; set optim.init=keep to start from them")
+    if t.ckpt_every_minutes is not None and not t.ckpt_every_minutes > 0:
+        raise ConfigError(f"train.ckpt_every_minutes={t.ckpt_every_minutes} must be positive (or null: steps only)")
+    for name in t.preempt_signals:
+        problem = signal_name_problem(name)
+        if problem:
+            raise ConfigError(f"train.preempt_signals: {problem}")
     if t.profile is not None and (set(t.profile) != {"start", "steps"} or t.profile["start"] < 0
                                   or t.profile["steps"] < 1):
         raise ConfigError(f"train.profile={t.profile} must be {{start: N >= 0, steps: K >= 1}}")

@@ -20,6 +20,10 @@ Checkpoint layouts read here (what each backend writes in checkpoints/step_N/):
   deepspeed     deepspeed/                the engine's checkpoint (ZeRO 1/2/3), consolidated
                                           as DeepSpeed's zero_to_fp32 does (fp32 master weights)
 
+The checkpoint is the latest one whose files match its manifest (agdlm.manifest); a newer
+damaged one is named in a warning and left where it is. OUT's missing parent folders are
+created (and removed again if the export fails).
+
 Every file is read without running code from it (agdlm.parallel.safe_load): a run folder
 from someone else is safe to export. A file holding a pickled type that no checkpoint needs
 is refused; --trust-checkpoint loads it anyway, for a folder you made yourself.
@@ -28,6 +32,7 @@ is refused; --trust-checkpoint loads it anyway, for a folder you made yourself.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
@@ -35,7 +40,8 @@ from pathlib import Path
 
 import torch
 
-from agdlm.checkpoint import atomic_torch_save, atomic_write_bytes, checkpoints_dir, latest_checkpoint, read_json
+from agdlm.checkpoint import (NoReadableCheckpoint, atomic_torch_save, atomic_write_bytes, checkpoints_dir,
+                              read_json, read_problem, readable_checkpoint)
 from agdlm.config import ConfigError, build_config, read_yaml_mapping
 from agdlm.model import GPT, GPTConfig
 from agdlm.parallel import CHECKPOINT_LAYOUT
@@ -142,12 +148,37 @@ def _refuse_live_checkpoint(run_dir: Path, out: Path) -> None:
 
 
 def _writable_directory(out: Path) -> None:
-    parent = out.parent
-    if not parent.is_dir():
-        what = "does not exist" if not parent.exists() else "is not a directory"
-        raise ExportError(f"cannot write {out}: its directory {parent} {what}")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ExportError(f"cannot write {out}: its directory {parent} is not writable")
+    """OUT's folder exists and is writable, or can be made: its nearest existing ancestor is a
+    writable folder."""
+    ancestor = out.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ExportError(f"cannot write {out}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ExportError(f"cannot write {out}: its directory {ancestor} is not writable")
+
+
+@contextlib.contextmanager
+def parent_folders(out: Path):
+    """Create OUT's missing parent folders; remove the ones made here if the write fails."""
+    made = []
+    folder = out.parent
+    while not folder.exists():
+        made.append(folder)
+        folder = folder.parent
+    for folder in reversed(made):
+        try:
+            folder.mkdir()
+        except OSError as e:
+            raise ExportError(f"cannot write {out}: cannot create {folder} ({e.strerror or e})") from None
+    try:
+        yield
+    except BaseException:
+        for folder in made:  # innermost first; only if still empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
 
 
 def _save(payload: dict, out: Path) -> None:
@@ -172,9 +203,10 @@ def _checkpoint_step(trainer: Path) -> int:
 
 
 def export(run_dir: Path, out: Path, checkpoint: str | None = None, trust: bool = False,
-           fmt: str | None = None, notes: list[str] | None = None) -> Path:
-    """Write the model of `checkpoint` (default: the latest) as `fmt` (default_format(out));
-    lines worth telling the operator (e.g. no tokenizer written) are appended to `notes`."""
+           fmt: str | None = None, notes: list[str] | None = None, warnings: list[str] | None = None) -> Path:
+    """Write the model of `checkpoint` (default: the latest whole one) as `fmt`
+    (default_format(out)); lines worth telling the operator are appended to `notes` (e.g. no
+    tokenizer written) and `warnings` (a damaged newer checkpoint passed over)."""
     run_dir, out = Path(run_dir), Path(out)
     fmt = fmt or default_format(out)
     if fmt not in FORMATS:
@@ -184,11 +216,25 @@ def export(run_dir: Path, out: Path, checkpoint: str | None = None, trust: bool 
     if fmt != "hf" and out.is_dir():
         raise ExportError(f"cannot write {out}: it is a directory (--format hf writes a folder)")
     cfg = run_config(run_dir)
-    ckpt = checkpoints_dir(run_dir) / checkpoint if checkpoint else latest_checkpoint(run_dir)
-    if ckpt is None or not ckpt.is_dir():
-        raise FileNotFoundError(f"{run_dir} has no checkpoint {checkpoint or '(checkpoints/latest is missing)'}")
+    if checkpoint:  # the operator's choice: checked, never replaced by another
+        ckpt = checkpoints_dir(run_dir) / checkpoint
+        if not ckpt.is_dir():
+            raise FileNotFoundError(f"{run_dir} has no checkpoint {checkpoint}")
+        problem = read_problem(ckpt)
+        if problem:
+            raise NoReadableCheckpoint(problem)
+    else:
+        ckpt, passed_over = readable_checkpoint(run_dir)
+        if warnings is not None:
+            warnings.extend(passed_over)
     state = consolidated_state_dict(ckpt, cfg.model, trust=trust)
     step = _checkpoint_step(ckpt / "trainer.json")
+    with parent_folders(out):
+        _write_format(fmt, state, cfg, ckpt, step, out, notes)
+    return out
+
+
+def _write_format(fmt: str, state: dict, cfg, ckpt: Path, step: int, out: Path, notes: list[str] | None) -> None:
     if fmt == "pt":
         _save({"model": state, "model_config": dataclasses.asdict(cfg.model), "step": step, "source": str(ckpt)}, out)
     elif fmt == "safetensors":
@@ -200,7 +246,6 @@ def export(run_dir: Path, out: Path, checkpoint: str | None = None, trust: bool 
         written = _write(lambda: _write_hf_folder(state, cfg, out, step), out)
         if notes is not None:
             notes.extend(written)
-    return out
 
 
 def _write_hf_folder(state: dict, cfg, out: Path, step: int) -> list[str]:
@@ -259,7 +304,7 @@ def explain(error: BaseException) -> str:
 
 
 # What export and sample report as one line (exit 2) instead of a traceback.
-OPERATOR_ERRORS = (CheckpointReadError, ExportError, ConfigError, FileNotFoundError)
+OPERATOR_ERRORS = (CheckpointReadError, NoReadableCheckpoint, ExportError, ConfigError, FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,10 +321,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         notes: list[str] = []
-        out = export(args.run_dir, args.out, args.checkpoint, trust=args.trust_checkpoint, fmt=args.format, notes=notes)
+        warnings: list[str] = []
+        out = export(args.run_dir, args.out, args.checkpoint, trust=args.trust_checkpoint, fmt=args.format, notes=notes,
+                     warnings=warnings)
     except OPERATOR_ERRORS as e:
         print(f"agdlm export: {explain(e)}", file=sys.stderr)
         return 2
+    for warning in warnings:
+        print(f"agdlm export: warning: {warning}", file=sys.stderr)
     for note in notes:
         print(f"agdlm export: note: {note}", file=sys.stderr)
     print(f"wrote {out}")

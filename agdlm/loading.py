@@ -46,18 +46,17 @@ def load_model_from(path: str | Path, device: str = "cpu", trust: bool = False) 
 
 
 def _from_run_dir(run_dir: Path, device: str, trust: bool) -> LoadedModel:
-    from agdlm.checkpoint import latest_checkpoint, read_json
+    """The newest checkpoint that matches its manifest; newer damaged ones are named in warnings."""
+    from agdlm.checkpoint import read_json, readable_checkpoint
     from agdlm.export import consolidated_state_dict, run_config
 
     cfg = run_config(run_dir)
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise FileNotFoundError(f"{run_dir} has no checkpoint yet (checkpoints/latest is missing)")
+    ckpt, warnings = readable_checkpoint(run_dir)
     model = GPT(cfg.model)
     model.load_state_dict(consolidated_state_dict(ckpt, cfg.model, trust=trust))
     trainer = ckpt / "trainer.json"
     step = int(read_json(trainer)["step"]) if trainer.is_file() else None
-    return LoadedModel(model.to(device).eval(), cfg.data.tokenizer, run_dir, step, [])
+    return LoadedModel(model.to(device).eval(), cfg.data.tokenizer, run_dir, step, warnings)
 
 
 def _step_of_source(path: Path) -> int | None:

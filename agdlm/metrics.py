@@ -1,6 +1,7 @@
 """Metrics sinks behind one small interface: `log(record)` and `close()`.
 
-A record is a flat dict with at least "step", "tokens" and "kind" ("train" | "eval").
+A record is a flat dict with at least "step", "tokens" and "kind": "train", "eval", or
+"preempt" (a checkpoint written for a signal: "signal", "checkpoint", "signal_to_checkpoint_s").
 Only rank 0 builds sinks; other ranks get an empty Metrics that drops everything."""
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ class ConsoleSink:
     def log(self, record: dict) -> None:
         if record["kind"] == "eval":
             line = f"step {record['step']:>6} | val loss {record['val_loss']:.4f} | tokens {record['tokens']:,}"
+        elif record["kind"] == "preempt":
+            line = (f"step {record['step']:>6} | preempted by {record['signal']} | checkpoint "
+                    f"{record['checkpoint'] or 'none'} {record['signal_to_checkpoint_s']:.1f} s after the signal")
         else:
             size = (
                 f"eta {record['agd_eta']:.4g} G {record['agd_G']:.4g}"
@@ -132,6 +136,8 @@ class WandbSink:
             if k != "kind" and isinstance(v, (int, float)) and not isinstance(v, bool)
         }  # fmt: skip
         self.run.log(data)
+        if record["kind"] == "preempt":  # W&B shows the run as preempted, to be resumed, not as failed
+            self.run.mark_preempting()
 
     def close(self) -> None:
         self.run.finish()

@@ -48,6 +48,7 @@ from typing import Any
 
 import yaml
 
+from agdlm import slurm_requeue
 from agdlm.config import SECTIONS, Config, ConfigError, load_config, parse_override, read_yaml_mapping, resolve_config_path
 
 RUN_NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
@@ -361,14 +362,18 @@ def srun_line(run: Run, gpus_per_node: int) -> str:
 
 def slurm_script(sweep: Sweep, runs: list[Run], *, gpus_per_node: int = 1, nodes: int = 1, time: str = "24:00:00",
                  cpus_per_task: int | None = None, max_parallel: int | None = None,
-                 sbatch: list[str] | None = None, setup: str | None = None) -> str:
+                 sbatch: list[str] | None = None, setup: str | None = None,
+                 signal: str = slurm_requeue.DEFAULT_SIGNAL) -> str:
     """A Slurm array script: task i runs runs[i]. One node per task; with several nodes the
-    rendezvous is the first node of the allocation. Every value is quoted for the line it is
-    on; `setup` is the operator's own shell code and is written as given. Raises ConfigError
-    (naming the key) for a value an #SBATCH line cannot hold."""
+    rendezvous is the first node of the allocation. `signal` (SIGNAL@SECONDS) comes that long
+    before the time limit: the run checkpoints and the task is requeued (agdlm.slurm_requeue).
+    Every value is quoted for the line it is on; `setup` is the operator's own shell code and is
+    written as given. Raises ConfigError (naming the key) for a value an #SBATCH line cannot hold."""
+    signal_name, lead_seconds = slurm_requeue.parse_signal(signal)
     lines = ["#!/bin/bash"]
     lines += slurm_directives(sweep, runs, gpus_per_node=gpus_per_node, nodes=nodes, time=time,
                               cpus_per_task=cpus_per_task, max_parallel=max_parallel, sbatch=sbatch or [])
+    lines += slurm_requeue.sbatch_lines(signal_name, lead_seconds)
     lines += [
         f"# agdlm sweep {comment_text(str(sweep.path))}: {len(runs)} run(s); a run whose folder holds DONE exits at once.",
         "set -euo pipefail",
@@ -383,13 +388,14 @@ def slurm_script(sweep: Sweep, runs: list[Run], *, gpus_per_node: int = 1, nodes
     ]
     for i, run in enumerate(runs):
         lines.append(f"  {i}) # {comment_text(run.name)}")
-        lines.append(f"    {srun_line(run, gpus_per_node)} ;;")
+        lines.append(f"    task=({srun_line(run, gpus_per_node)}) ;;")
     lines += [
         '  *) echo "no run for array task $SLURM_ARRAY_TASK_ID" >&2; exit 1 ;;',
         "esac",
-        "",
     ]
-    return "\n".join(lines)
+    lines += slurm_requeue.trap_lines(signal_name, lead_seconds)
+    lines += slurm_requeue.run_lines()
+    return "\n".join(lines + [""])
 
 
 def run_locally(sweep: Sweep, runs: list[Run], python: str | None = None) -> list[tuple[str, int]]:
@@ -439,6 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-parallel", type=int, help="slurm: at most this many array tasks at once")
     p.add_argument("--sbatch", action="append", default=[], help="slurm: an extra #SBATCH option, e.g. --partition=gpu")
     p.add_argument("--setup", help="slurm: a shell line run before the training command (e.g. module load, venv)")
+    p.add_argument("--signal", default=slurm_requeue.DEFAULT_SIGNAL,
+                   help="slurm: SIGNAL@SECONDS Slurm sends the script that long before the time limit; the run "
+                        f"checkpoints and the task is requeued (default {slurm_requeue.DEFAULT_SIGNAL})")
     return p
 
 
@@ -504,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
             script = slurm_script(sweep, selected, gpus_per_node=whole_number("--nproc-per-node", args.nproc_per_node),
                                   nodes=whole_number("--nnodes", args.nnodes), time=args.time,
                                   cpus_per_task=args.cpus_per_task, max_parallel=args.max_parallel,
-                                  sbatch=args.sbatch, setup=args.setup)
+                                  sbatch=args.sbatch, setup=args.setup, signal=args.signal)
             write_script(out, script, sweep.out_dir / "slurm")
         except ConfigError as e:
             print(f"agdlm sweep: {one_line(e)}", file=sys.stderr)

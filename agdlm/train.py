@@ -3,9 +3,16 @@ checkpoints and metrics. `agdlm train [CONFIG ...] [section.key=value ...]`.
 
 A run lives in <train.out_dir>/<train.run_name>/. Launching the same run again resumes
 from its latest checkpoint (the same loss curve, step for step); without a `latest` pointer,
-or when that checkpoint does not load, from the newest one that does (a bad one is renamed
-corrupt_step_N, never deleted). A run that has its DONE marker is trained again only to a
-larger train.max_steps. Nothing in the run folder is written until the launch is known good."""
+or when that checkpoint does not load or does not match its manifest, from the newest one
+that does (a bad one is renamed corrupt_step_N, never deleted). A run that has its DONE marker
+is trained again only to a larger train.max_steps. Nothing in the run folder is written until
+the launch is known good.
+
+Checkpoints come every train.ckpt_interval steps, every train.ckpt_every_minutes if set, at
+the end, and on a preemption signal (agdlm.preemption): then at the end of the step in
+flight, after which the run exits 75. Whatever only one rank can see (a signal, its clock, its
+data reader stopping, AGD's skip limit) is voted on in the step's one collective
+(agdlm.rank_votes), so every rank acts at the same step with the same line."""
 
 from __future__ import annotations
 
@@ -23,19 +30,22 @@ import torch.distributed as dist
 from agdlm.checkpoint import (
     DiskFullError, atomic_torch_save, atomic_write_text, begin_checkpoint, checkpoint_problem, checkpoints_dir,
     commit_checkpoint, first_line, latest_checkpoint, point_latest_at, read_json, reporting_full_disk,
-    resume_candidates, set_aside,
-    write_json,
+    resume_candidates, set_aside, step_dir_name, write_json,
 )
 from agdlm.config import (Config, ConfigError, build_config, config_to_yaml, load_config, read_yaml_mapping,
                           section_help, split_config_items)
 from agdlm.data import DataSourceError, build_data, encoding_for, merge_states
+from agdlm.manifest import MANIFEST, checkpoint_files, describe, manifest_text, shares
 from agdlm.metrics import MetricsFileError, build_metrics, memory_stats, metrics_lines, peak_flops, roll_back_metrics
 from agdlm.model import GPT
 from agdlm.optim.registry import kind_of
 from agdlm.parallel import CHECKPOINT_LAYOUT, build_backend, init_distributed, shutdown_distributed
 from agdlm.parallel.bindings import BindingInternalsMissing
 from agdlm.parallel.env import exit_without_teardown, launched_as_worker
+from agdlm.preemption import (PREEMPTED_EXIT_CODE, Preempted, SignalWatch, pause_inside_backward,
+                              pause_until_signalled)
 from agdlm.profiling import StepProfiler
+from agdlm.rank_votes import lowest_rank_reason, max_over_ranks, reduce_loss_and_votes, several_ranks
 from agdlm import provenance
 
 # What must not change on resume (whole sections or single keys): otherwise the checkpoint is of a
@@ -159,6 +169,9 @@ class Trainer:
         self.tokens_per_step = cfg.train.global_batch_size * cfg.model.block_size
         self.kind = kind_of(cfg.optim.name)
         self.step = 0
+        self.signals = SignalWatch()  # installed for the training loop only (run)
+        self.decided: dict[str, bool] = {}  # the last step's agreed votes (agdlm.rank_votes)
+        self._last_checkpoint_at = time.monotonic()
 
     # ---- setup -----------------------------------------------------------------------
     def setup(self) -> None:
@@ -216,7 +229,7 @@ class Trainer:
             problem = checkpoint_problem(folder, layout, self.env.rank, self.env.world_size)
             problem = self._first_problem_on_any_rank(problem)
             if problem is None:
-                self._load_checkpoint(folder)
+                self._load_on_every_rank(folder)
                 return folder, bad
             bad.append((folder, problem))
         problems = "; ".join(problem for _, problem in bad)
@@ -225,11 +238,19 @@ class Trainer:
 
     def _first_problem_on_any_rank(self, problem: str | None) -> str | None:
         """All ranks agree on a checkpoint: one rank's problem is every rank's."""
-        if not (self.env.distributed and self.env.world_size > 1):
-            return problem
-        problems: list[str | None] = [None] * self.env.world_size
-        dist.all_gather_object(problems, problem)
-        return next((p for p in problems if p is not None), None)
+        return lowest_rank_reason(problem, self.env)
+
+    def _load_on_every_rank(self, folder: Path) -> None:
+        """A load that fails on one rank (a DeepSpeed rank reads its own files) stops every
+        rank, with that rank's line."""
+        failure = None
+        try:
+            self._load_checkpoint(folder)
+        except (ResumeRefused, ConfigError) as e:
+            failure = (type(e).__name__, str(e))
+        failure = lowest_rank_reason(failure, self.env)
+        if failure:
+            raise (ConfigError if failure[0] == "ConfigError" else ResumeRefused)(failure[1])
 
     def _record_start(self, resume_from: Path | None, bad: list[tuple[Path, str]], pointer_warning: str | None) -> None:
         """Rank 0, once the run is known good: set bad checkpoints aside, then write
@@ -268,27 +289,65 @@ class Trainer:
         write_json(path, record)
 
     # ---- checkpoints -----------------------------------------------------------------
-    def save_checkpoint(self, at_end: bool = False) -> None:
+    def save_checkpoint(self, at_end: bool = False) -> Path | None:
+        """checkpoints/step_N: every rank writes its files, then the manifest (agdlm.manifest),
+        then rank 0 commits. Returns the folder; None when AGD is skipping steps (the last
+        checkpoint before the streak stays the newest)."""
         env = self.env
         if self.stop_if_skipping() and not at_end:
-            return  # AGD is skipping steps: the last checkpoint before the streak stays the newest
+            return None
         if env.is_main:
             begin_checkpoint(self.run_dir, self.step)
         env.barrier()
         folder = checkpoints_dir(self.run_dir) / f".tmp_step_{self.step}"
-        failure = None
-        try:  # model.pt holds the weights the optimiser means for evaluation (schedule-free's average)
-            with reporting_full_disk(folder), self.kind.evaluation_weights(self.backend.optimizer):
+
+        def write_files(folder: Path) -> None:  # model.pt holds the weights the optimiser means for
+            with self.kind.evaluation_weights(self.backend.optimizer):  # evaluation (schedule-free's average)
                 self._write_checkpoint_files(folder)
-        except (OSError, RuntimeError) as e:  # kept to raise once every rank knows
-            failure = e
-        if self._any_rank_failed(failure is not None):
-            if env.is_main:  # free what the failed write took; `latest` still names the previous one
-                shutil.rmtree(folder, ignore_errors=True)
-            raise failure or RuntimeError(f"another rank failed while writing {folder}")
+
+        self._write_on_every_rank(folder, write_files)
+        pause_until_signalled(self.signals, "save", self.step, env.rank)  # test-only hook
+        self._write_on_every_rank(folder, self._write_manifest)
         if env.is_main:
             commit_checkpoint(self.run_dir, self.step, self.cfg.train.keep_checkpoints)
         env.barrier()
+        self._last_checkpoint_at = time.monotonic()
+        return checkpoints_dir(self.run_dir) / step_dir_name(self.step)
+
+    def _write_on_every_rank(self, folder: Path, write) -> None:
+        """Run `write(folder)` on every rank; if it fails on any, remove the folder and raise on all."""
+        failure = None
+        try:
+            with reporting_full_disk(folder):
+                write(folder)
+        except (OSError, RuntimeError) as e:  # kept to raise once every rank knows
+            failure = e
+        if self._any_rank_failed(failure is not None):
+            if self.env.is_main:  # free what the failed write took; `latest` still names the previous one
+                shutil.rmtree(folder, ignore_errors=True)
+            raise failure or RuntimeError(f"another rank failed while writing {folder}")
+
+    def _write_manifest(self, folder: Path) -> None:
+        """Each rank checksums its share of the folder's files (about 1/world of the bytes);
+        rank 0 writes manifest.json from all of them, last. A rank that cannot read a file
+        still takes part in the exchange, then raises."""
+        env = self.env
+        listing = [checkpoint_files(folder) if env.is_main else None]  # rank 0's view of the shared folder
+        if several_ranks(env):
+            dist.broadcast_object_list(listing, src=0)
+        entries, failure = {}, None
+        try:
+            entries = describe(folder, shares(listing[0], env.world_size)[env.rank])
+        except OSError as e:
+            failure = e
+        everyone = [entries]
+        if several_ranks(env):
+            everyone = [None] * env.world_size
+            dist.all_gather_object(everyone, entries)
+        if failure:
+            raise failure
+        if env.is_main:
+            atomic_write_text(folder / MANIFEST, manifest_text({k: v for part in everyone for k, v in part.items()}))
 
     def _write_checkpoint_files(self, folder: Path) -> None:
         env = self.env
@@ -303,9 +362,10 @@ class Trainer:
             dist.all_gather_object(data_states, self.data.train.state_dict())
         if env.is_main:
             write_json(folder / "data.json", merge_states(data_states))
-            write_json(
+            write_json(  # "manifest": a resume then knows a missing manifest.json was lost, not never written
                 folder / "trainer.json",
-                {"step": self.step, "tokens": self.step * self.tokens_per_step, "world_size": env.world_size},
+                {"step": self.step, "tokens": self.step * self.tokens_per_step, "world_size": env.world_size,
+                 "manifest": True},
             )
 
     def _any_rank_failed(self, failed: bool) -> bool:
@@ -361,20 +421,24 @@ class Trainer:
     def train_step(self, logged: bool = False) -> tuple[torch.Tensor, dict]:
         cfg, backend, dev = self.cfg, self.backend, self.env.device
         self.kind.set_lr(backend.optimizer, self.step, cfg.optim, self.total_steps)
-        micro_batches = self.data.train.next_batch()
+        micro_batches, data_stop = self._next_batch()
         loss_sum = torch.zeros((), device=dev)
-        for i, (x, y) in enumerate(micro_batches):
-            loss_sum += backend.forward_backward(
-                x.to(dev, non_blocking=True), y.to(dev, non_blocking=True), self.accum_steps, i == len(micro_batches) - 1
-            ).float()
-        loss = backend.all_reduce_mean(loss_sum / len(micro_batches))
-        # One host sync per optimiser step: a non-finite loss must stop the run before the
-        # update, so no checkpoint ever holds weights that came from it. The same sync reads
-        # how many steps in a row AGD has skipped (up to the previous step).
-        loss_value, skips = self._sync_loss_and_skips(loss)
+        with pause_inside_backward(backend.raw_model, self.signals, self.step + 1, self.env.rank):  # test-only hook
+            for i, (x, y) in enumerate(micro_batches):
+                loss_sum += backend.forward_backward(
+                    x.to(dev, non_blocking=True), y.to(dev, non_blocking=True), self.accum_steps,
+                    i == len(micro_batches) - 1).float()
+        # One collective and one host sync per optimiser step: the loss, and every rank's votes
+        # on what all ranks decide together (agdlm.rank_votes). A non-finite loss must stop the
+        # run before the update, so no checkpoint ever holds weights that came from it.
+        loss, loss_value, self.decided = reduce_loss_and_votes(loss_sum / len(micro_batches),
+                                                               self._votes(data_stop), self.env)
+        if self.decided["data_stopped"]:
+            raise self._agreed_data_stop(data_stop)
         if not math.isfinite(loss_value):
             raise TrainingDiverged(f"train loss is {loss_value} at step {self.step + 1}; stopping. {self._last_good()}")
-        self._stop_if_too_many_skips(skips)
+        if self.decided["too_many_skips"]:
+            raise TrainingDiverged(lowest_rank_reason(self._too_many_skips(self._local_skips()), self.env))
         _maybe_poison_gradient(self.step, self.env.rank, backend.raw_model)
         if logged:
             self.kind.prepare_log_step(backend.optimizer)
@@ -382,26 +446,62 @@ class Trainer:
             stats = backend.optimizer_step(self.kind.grad_clip(cfg.optim))
         return loss, stats
 
-    def _sync_loss_and_skips(self, loss: torch.Tensor) -> tuple[float, int]:
+    def _next_batch(self) -> tuple[list, Exception | None]:
+        """This rank's micro-batches; or, when its reader stopped (data.max_bad_fraction, no
+        document left for it) while other ranks go on, zeros in their place and the error: they
+        keep this rank in the step's collectives until the vote stops every rank before the
+        update, so nothing is learnt from them."""
+        try:
+            return self.data.train.next_batch(), None
+        except (DataSourceError, ConfigError) as e:
+            if not several_ranks(self.env):
+                raise
+            rows, columns = self.cfg.train.micro_batch_size, self.cfg.model.block_size
+            zeros = torch.zeros(rows, columns, dtype=torch.long)
+            return [(zeros, zeros)] * self.accum_steps, e
+
+    def _agreed_data_stop(self, data_stop: Exception | None) -> Exception:
+        """The lowest stopped rank's error, for every rank to raise."""
+        mine = None if data_stop is None else (type(data_stop).__name__, str(data_stop), self.env.rank)
+        kind, text, rank = lowest_rank_reason(mine, self.env)
+        error = ConfigError if kind == "ConfigError" else DataSourceError
+        return error(f"{text} (rank {rank} of {self.env.world_size}; every rank stops)")
+
+    def _votes(self, data_stop: Exception | None) -> dict:
+        """This rank's votes for the step's collective (read as: does any rank say so?)."""
+        skips = self.kind.consecutive_skips(self.backend.optimizer)  # up to the previous step; None: never skips
+        return {
+            "data_stopped": data_stop is not None,
+            "too_many_skips": False if skips is None else skips >= self.cfg.train.max_skipped_steps,
+            "preempt": self.signals.requested,
+            "checkpoint_due": self._checkpoint_due_by_time(),
+        }
+
+    def _checkpoint_due_by_time(self) -> bool:
+        minutes = self.cfg.train.ckpt_every_minutes
+        return minutes is not None and time.monotonic() - self._last_checkpoint_at >= 60 * minutes
+
+    def _local_skips(self) -> int:
         skips = self.kind.consecutive_skips(self.backend.optimizer)
-        if skips is None:
-            return loss.item(), 0
-        loss_value, skip_count = torch.stack([loss.float(), skips.to(loss.device, torch.float32)]).tolist()
-        return loss_value, int(skip_count)
+        return 0 if skips is None else int(skips.item())
 
     def stop_if_skipping(self) -> int:
         """Before a checkpoint or DONE: stop if too many steps in a row were skipped; return
-        how many were (0 for a good last step, or an optimiser that never skips)."""
-        skips = self.kind.consecutive_skips(self.backend.optimizer)
-        count = 0 if skips is None else int(skips.item())
-        self._stop_if_too_many_skips(count)
+        how many were (0 for a good last step, or an optimiser that never skips). The count is
+        the largest on any rank, so every rank saves, or stops, alike."""
+        if self.kind.consecutive_skips(self.backend.optimizer) is None:
+            return 0
+        count = max_over_ranks(self._local_skips(), self.env)
+        reason = self._too_many_skips(count)
+        if reason:
+            raise TrainingDiverged(reason)
         return count
 
-    def _stop_if_too_many_skips(self, skips: int) -> None:
+    def _too_many_skips(self, skips: int) -> str | None:
         limit = self.cfg.train.max_skipped_steps
-        if skips >= limit:
-            raise TrainingDiverged(
-                f"AGD skipped {skips} steps in a row up to step {self.step} (a non-finite gradient made G not finite; "
+        if skips < limit:
+            return None
+        return (f"AGD skipped {skips} steps in a row up to step {self.step} (a non-finite gradient made G not finite; "
                 f"train.max_skipped_steps={limit}); stopping. {self._last_good()}")
 
     def _last_good(self) -> str:
@@ -460,39 +560,62 @@ class Trainer:
         last_val = None
         profiler = StepProfiler(cfg.train.profile, self.run_dir, self.env.is_main, self.env.device)
         try:
-            if self.step == 0:
-                last_val = self.log_eval()
-            skipped, train_time, steps_in_interval = 0, 0.0, 0
-            while self.step < self.total_steps:
-                _maybe_inject_fault(self.step, self.env.rank)
-                profiler.before_step(self.step)
-                t0 = time.perf_counter()  # eval and checkpoint time stay out of step_time_s
-                logged = (self.step + 1) % cfg.log.interval == 0 or self.step + 1 == self.total_steps
-                loss, stats = self.train_step(logged)
-                train_time += time.perf_counter() - t0
-                self.step += 1
-                profiler.after_step(self.step)
-                steps_in_interval += 1
-                skipped += int(bool(stats.get("skipped_step", False)))
-                at_end = self.step == self.total_steps
-                if logged:
-                    record = self.train_record(loss, stats, train_time, steps_in_interval)
-                    if skipped:
-                        record["skipped_steps"] = skipped
-                    self.metrics.log(record)
-                    train_time, steps_in_interval = 0.0, 0
-                if self.step % cfg.train.eval_interval == 0 or at_end:
+            with SignalWatch(cfg.train.preempt_signals) as self.signals:  # a signal now: checkpoint, exit 75
+                if self.step == 0:
                     last_val = self.log_eval()
-                if self.step % cfg.train.ckpt_interval == 0 or at_end:
-                    self.save_checkpoint(at_end)
-            self.stop_if_skipping()
-            if self.env.is_main:
-                atomic_write_text(self.run_dir / "DONE", f"step {self.step}\n")
+                last_val = self._train_to_the_end(profiler, last_val)
+                self.stop_if_skipping()
+                if self.env.is_main:
+                    atomic_write_text(self.run_dir / "DONE", f"step {self.step}\n")
         finally:
             profiler.stop(self.step)
             if hasattr(self, "metrics"):
                 self.metrics.close()
         return {"run_dir": str(self.run_dir), "step": self.step, "val_loss": last_val}
+
+    def _train_to_the_end(self, profiler: StepProfiler, last_val: float | None) -> float | None:
+        cfg = self.cfg
+        skipped, train_time, steps_in_interval = 0, 0.0, 0
+        self._last_checkpoint_at = time.monotonic()
+        while self.step < self.total_steps:
+            _maybe_inject_fault(self.step, self.env.rank)
+            pause_until_signalled(self.signals, "between", self.step, self.env.rank)  # test-only hook
+            profiler.before_step(self.step)
+            t0 = time.perf_counter()  # eval and checkpoint time stay out of step_time_s
+            logged = (self.step + 1) % cfg.log.interval == 0 or self.step + 1 == self.total_steps
+            loss, stats = self.train_step(logged)
+            train_time += time.perf_counter() - t0
+            self.step += 1
+            profiler.after_step(self.step)
+            steps_in_interval += 1
+            skipped += int(bool(stats.get("skipped_step", False)))
+            at_end = self.step == self.total_steps
+            if logged:
+                record = self.train_record(loss, stats, train_time, steps_in_interval)
+                if skipped:
+                    record["skipped_steps"] = skipped
+                self.metrics.log(record)
+                train_time, steps_in_interval = 0.0, 0
+            if self.step % cfg.train.eval_interval == 0 or at_end:
+                last_val = self.log_eval()
+            preempted = self.decided.get("preempt", False) and not at_end  # at the end: just finish
+            saved = None
+            if self.step % cfg.train.ckpt_interval == 0 or at_end or self.decided.get("checkpoint_due") or preempted:
+                saved = self.save_checkpoint(at_end)
+            if preempted:
+                self._stop_for_preemption(saved)
+        return last_val
+
+    def _stop_for_preemption(self, saved: Path | None) -> None:
+        """Mark the checkpoint in the metrics and raise Preempted, with the same line on every
+        rank: the lowest rank that saw the signal names it and the seconds since."""
+        watch = self.signals
+        mine = (watch.first, time.monotonic() - watch.received_at) if watch.requested else None
+        name, seconds = lowest_rank_reason(mine, self.env)
+        checkpoint = saved.name if saved is not None else None
+        self.metrics.log({"step": self.step, "tokens": self.step * self.tokens_per_step, "kind": "preempt",
+                          "signal": name, "checkpoint": checkpoint, "signal_to_checkpoint_s": seconds})
+        raise Preempted(name, self.step, checkpoint, seconds)
 
 
 def _maybe_inject_fault(step: int, rank: int) -> None:
@@ -554,6 +677,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"agdlm: {e}", file=sys.stderr)
         code = 3
+    except Preempted as e:  # the checkpoint is written: launching the run again resumes it
+        print(f"agdlm: {e}", file=sys.stderr)
+        code = PREEMPTED_EXIT_CODE
     except (ResumeRefused, DiskFullError, MetricsFileError, BindingInternalsMissing) as e:
         print(f"agdlm: {e}", file=sys.stderr)
         code = 2

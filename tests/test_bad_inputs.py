@@ -199,7 +199,8 @@ def case_train_mistyped_local_path(tmp_path):
 
 
 def case_train_hub_id_offline(tmp_path):
-    return Case(train(tmp_path, "data.source=nobody-here/no-such-set"), ["nobody-here/no-such-set", "HF_HUB_OFFLINE"],
+    return Case(train(tmp_path, "data.source=nobody-here/no-such-set"),
+                ["no file or folder named nobody-here/no-such-set here", "and the hub", "HF_HUB_OFFLINE"],
                 env={"HF_HUB_OFFLINE": "1"}, max_seconds=20)
 
 

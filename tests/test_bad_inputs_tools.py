@@ -84,6 +84,17 @@ def case_time_newline(root):
     return ["sweep", str(path), "--emit", "slurm", "-o", "prev.sbatch", "--time", f"1:00:00\ntouch {root}/MARKER"], "--time"
 
 
+def case_signal_with_shell_syntax(root):
+    path = sweep_file(root)
+    return ["sweep", str(path), "--emit", "slurm", "-o", "prev.sbatch", "--signal", f"USR1@120\ntouch {root}/MARKER"], \
+        "--signal"
+
+
+def case_signal_too_late_to_checkpoint(root):
+    path = sweep_file(root)
+    return ["sweep", str(path), "--emit", "slurm", "-o", "prev.sbatch", "--signal", "USR1@5"], "--signal"
+
+
 def case_nproc_not_a_number(root):
     path = sweep_file(root)
     return ["sweep", str(path), "--emit", "slurm", "-o", "prev.sbatch", "--nproc-per-node", "gpu"], "--nproc-per-node"
@@ -139,6 +150,7 @@ def case_report_run_config_with_wrong_types(root):
 
 
 CASES = [case_out_dir_newline, case_cli_out_dir_newline, case_sbatch_option_newline, case_time_newline,
+         case_signal_with_shell_syntax, case_signal_too_late_to_checkpoint,
          case_nproc_not_a_number, case_sweep_values_not_a_list, case_sweep_values_empty, case_sweep_configs_not_names,
          case_slurm_output_under_a_file, case_report_out_under_a_file, case_report_out_is_a_file,
          case_report_only_run_has_garbage_config, case_report_only_run_has_garbage_metrics,

@@ -72,6 +72,14 @@ def step_folder(run: Path) -> Path:
     return run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
 
 
+def reseal(run: Path) -> None:
+    """Rewrite the checkpoint's manifest after changing a file, as whoever crafted the folder
+    would: the manifest catches damage, not a rewritten folder; the safe readers must."""
+    from agdlm.manifest import seal
+
+    seal(step_folder(run))
+
+
 def file_hashes(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
@@ -87,6 +95,7 @@ def one_line(stderr: str) -> str:
 def plant_dcp_metadata(run: Path, marker: Path) -> Path:
     target = step_folder(run) / "dcp" / ".metadata"
     target.write_bytes(pickle.dumps(WritesMarker(marker)))
+    reseal(run)
     return target
 
 
@@ -95,6 +104,7 @@ def plant_deepspeed_model_states(run: Path, marker: Path) -> Path:
     state = torch.load(target, weights_only=False)  # our own honest file
     state["module"] = WritesMarker(marker)
     torch.save(state, target)
+    reseal(run)
     return target
 
 
@@ -112,6 +122,7 @@ def plant_dcp_bytes_item(run: Path, marker: Path) -> Path:
     shutil.rmtree(dcp_dir)
     dcp.save(state, checkpoint_id=str(dcp_dir), no_dist=True)
     whole.unlink()
+    reseal(run)
     return dcp_dir
 
 
@@ -180,6 +191,7 @@ def test_trust_checkpoint_loads_a_type_outside_the_allow_list(run_copy, tmp_path
     state = torch.load(model_file, weights_only=True)
     state._metadata[""]["made_by"] = argparse.Namespace(user="me")  # load_state_dict ignores it
     torch.save(state, model_file)
+    reseal(run)
     refused = agdlm("export", run, tmp_path / "m.pt")
     assert refused.returncode == 2, refused.stderr[-3000:]
     line = one_line(refused.stderr)
@@ -195,10 +207,6 @@ def _truncate(path: Path) -> None:
 
 def export_onto_live_checkpoint(run, tmp):
     return ["export", run, step_folder(run) / "model.pt"], "checkpoints"
-
-
-def export_into_absent_directory(run, tmp):
-    return ["export", run, tmp / "absent" / "model.pt"], "does not exist"
 
 
 def export_onto_a_directory(run, tmp):
@@ -259,7 +267,7 @@ def sample_on_cuda_without_cuda(run, tmp):
 BAD_INPUTS = {
     f.__name__: (backend, f)
     for backend, f in [
-        ("single", export_onto_live_checkpoint), ("single", export_into_absent_directory),
+        ("single", export_onto_live_checkpoint),
         ("single", export_onto_a_directory), ("single", export_under_a_file),
         ("single", export_with_empty_trainer_json), ("single", export_without_model_pt),
         ("single", sample_truncated_model_pt), ("fsdp2", sample_truncated_dcp_metadata),
@@ -283,3 +291,14 @@ def test_bad_input_gives_one_line_and_changes_nothing(run_copy, tmp_path, case):
     assert named in line and "Traceback" not in line, line
     assert file_hashes(run) == before
     assert sorted(p.name for p in outside.rglob("*")) == outside_before  # no temporary file left behind
+
+
+def test_file_export_creates_its_missing_folder_and_a_failed_one_leaves_none(run_copy, tmp_path):
+    run = run_copy("single")
+    out = tmp_path / "absent" / "deeper" / "model.safetensors"
+    proc = agdlm("export", run, out)
+    assert proc.returncode == 0 and out.is_file(), proc.stderr[-3000:]
+    (step_folder(run) / "model.pt").unlink()  # the only checkpoint is now incomplete: the export fails
+    failed = agdlm("export", run, tmp_path / "other" / "model.safetensors")
+    assert failed.returncode == 2 and "model.pt" in one_line(failed.stderr)
+    assert not (tmp_path / "other").exists()

@@ -145,7 +145,7 @@ def test_slurm_script_is_valid_bash_and_parses_back(tmp_path):
     assert script.startswith("#!/bin/bash\n")
     assert f"#SBATCH --array=0-{len(sweep.runs) - 1}%6" in script and "#SBATCH --partition=gpu" in script
     assert "#SBATCH --gpus-per-node=4" in script and (tmp_path / "width-ladder" / "slurm").is_dir()
-    arms = re.findall(r"^  (\d+)\) # (\S+)\n    srun (.*) ;;$", script, flags=re.M)
+    arms = re.findall(r"^  (\d+)\) # (\S+)\n    task=\(srun (.*)\) ;;$", script, flags=re.M)
     assert [int(i) for i, _, _ in arms] == list(range(len(sweep.runs)))
     for (_, name, line), run in zip(arms, sweep.runs):
         argv = shlex.split(line)

@@ -268,11 +268,17 @@ def _streaming_val_tokens(cfg, source: str, rank: int, barrier) -> np.ndarray:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, tokens.astype("<u2").tobytes())
 
+    failure = None
     if rank == 0 and not path.is_file():
-        collect()
+        try:
+            collect()
+        except (DataSourceError, ConfigError) as e:  # still reach the barrier: the other ranks wait there
+            failure = e
     if barrier is not None:
         barrier()
-    if not path.is_file():  # a rank started without rank 0 having written it (no barrier)
+    if failure:
+        raise failure
+    if not path.is_file():  # no barrier, or rank 0 stopped: read it here (a bad source stops every rank alike)
         collect()
     tokens = np.fromfile(path, dtype="<u2")
     if len(tokens) < span:

@@ -578,9 +578,13 @@ class HubDatasetShard(Shard):
         try:
             ds = datasets.load_dataset(self.name, split=self.split, streaming=True)
         except Exception as e:
-            offline = " (HF_HUB_OFFLINE=1: only the local cache is read; is it a mistyped local path?)" if _hub_offline() else ""
-            raise DataSourceError(f"cannot open dataset {self.name!r} (split {self.split!r}){offline}: "
-                                  f"{type(e).__name__}: {e}") from e
+            offline = " (HF_HUB_OFFLINE=1: only the local cache is read)" if _hub_offline() else ""
+            hub = f"cannot open dataset {self.name!r} (split {self.split!r}){offline}: {type(e).__name__}: {e}"
+            if os.path.exists(self.name):  # a local folder laid out like a hub dataset
+                raise DataSourceError(hub) from e
+            # a mistyped local path reads like a hub id: say that neither was found
+            raise DataSourceError(f"data source {self.name}: no file or folder named {self.name} here ({os.getcwd()}), "
+                                  f"and the hub {hub}") from e
         if start.record:
             ds = ds.skip(start.record)
         column = stream.text_column
