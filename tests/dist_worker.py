@@ -89,6 +89,8 @@ CASES = {
     # bf16 Newton-Schulz (the accelerator path, forced on the CPU here): the exchange carries bf16
     "fsdp2-agd-spectral_momentum-bf16": ["parallel.backend=fsdp2", "optim.name=agd", "optim.variant=spectral_momentum"],
     "ddp-muon": ["parallel.backend=ddp", "optim.name=muon"],
+    "fsdp2-muon": ["parallel.backend=fsdp2", "optim.name=muon"],
+    "hsdp2x1-muon": ["parallel.backend=fsdp2", "parallel.replicate=2", "optim.name=muon"],
     "ddp-prodigy": ["parallel.backend=ddp", "optim.name=prodigy", "optim.lr=1.0"],
     "ddp-schedulefree": ["parallel.backend=ddp", "optim.name=schedulefree"],
 }  # fmt: skip

@@ -12,6 +12,11 @@ class CombinedOptimizer(torch.optim.Optimizer):
         # Optimizer.__init__ is not called: the parts own their groups, state and hooks
         self.parts = parts
         self.defaults = {}
+        bound = [part for part in parts.values() if hasattr(part, "bind")]
+        if len(bound) > 1:
+            raise ValueError("CombinedOptimizer: at most one part may be bound to a sharded backend")
+        if bound:  # what a sharded backend binds (its `params` and `bind`), as it binds AGD
+            self.params, self.bind = bound[0].params, bound[0].bind
 
     @property
     def param_groups(self) -> list[dict]:

@@ -6,6 +6,8 @@ Declared before any grid run:
   (Moonlight: each matrix's step is scaled by 0.2 * sqrt(max(A, B)) so its update RMS
   matches AdamW's), so Muon is swept over one lr like AdamW, on AdamW's warmup/cosine
   schedule.
+- On FSDP2 (and HSDP) each matrix is orthogonalised whole, once, by an owner rank
+  (agdlm/optim/muon_sharded.py); DeepSpeed ZeRO is refused.
 - The fused c_attn weight is one 3C x C matrix to Muon: torch.optim.Muon takes whole 2-D
   parameters, and splitting q, k, v would need a copy of its update. (modded-nanogpt
   orthogonalises q, k and v separately; this is the plain torch.optim.Muon a researcher
@@ -41,14 +43,19 @@ def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
 
 class MuonKind(OptimiserKind):
     name, step_name, scheduled = "muon", "Muon.step", True
-    backends = ("single", "ddp")
-    refusal = ("torch.optim.Muon on a shard would orthogonalise the shard, not the matrix; agdlm's distributed "
-               "orthogonalisation (issue 19) is not built yet")
+    backends = ("single", "ddp", "fsdp2")  # FSDP2 and HSDP: each matrix whole on an owner (muon_sharded)
+    refusal = ("DeepSpeed hands its optimiser flat partitions, and torch.optim.Muon on a partition would "
+               "orthogonalise the partition, not the matrix")
 
     def build(self, model, optim_cfg, device_type):
         matrices, others = split_parameters(model)
-        muon = torch.optim.Muon(matrices, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay,
-                                adjust_lr_fn=LR_ADJUSTMENT)
+        sharded = any(hasattr(p, "device_mesh") for p in matrices)  # FSDP2's DTensors
+        if sharded:
+            from agdlm.optim.muon_sharded import ShardedMuon
+
+        muon = (ShardedMuon if sharded else torch.optim.Muon)(matrices, lr=optim_cfg.lr,
+                                                               weight_decay=optim_cfg.weight_decay,
+                                                               adjust_lr_fn=LR_ADJUSTMENT)
         adamw = torch.optim.AdamW(decay_groups(model, optim_cfg.weight_decay, others), lr=optim_cfg.lr,
                                   betas=tuple(optim_cfg.betas), eps=optim_cfg.eps, fused=device_type == "cuda")
         return CombinedOptimizer({"muon": muon, "adamw": adamw})

@@ -132,10 +132,14 @@ class FSDP2Backend(Backend):
 
         return kind_of(self.cfg.optim.name).shards_state(self.cfg.optim)
 
+    def _optimizers(self):
+        """What DCP checkpoints: the optimiser, or each part of one made of parts (Muon + AdamW)."""
+        return list(self.optimizer.parts.values()) if hasattr(self.optimizer, "parts") else self.optimizer
+
     def save(self, folder: Path) -> None:
         state = {"model": get_model_state_dict(self.raw_model)}
         if self._uses_dcp_optimizer():
-            state["optim"] = get_optimizer_state_dict(self.raw_model, self.optimizer)
+            state["optim"] = get_optimizer_state_dict(self.raw_model, self._optimizers())
         dcp.save(state, checkpoint_id=str(folder / DCP_DIR))
         if not self._uses_dcp_optimizer() and self.env.is_main:
             atomic_torch_save(self.optimizer.state_dict(), folder / "optimizer.pt")
@@ -143,11 +147,11 @@ class FSDP2Backend(Backend):
     def load(self, folder: Path) -> None:
         state = {"model": get_model_state_dict(self.raw_model)}
         if self._uses_dcp_optimizer():
-            state["optim"] = get_optimizer_state_dict(self.raw_model, self.optimizer)
+            state["optim"] = get_optimizer_state_dict(self.raw_model, self._optimizers())
         dcp_load(state, folder / DCP_DIR)  # metadata and non-tensor items unpickled with an allow-list
         set_model_state_dict(self.raw_model, state["model"])
         if self._uses_dcp_optimizer():
-            set_optimizer_state_dict(self.raw_model, self.optimizer, state["optim"])
+            set_optimizer_state_dict(self.raw_model, self._optimizers(), state["optim"])
         else:
             self.optimizer.load_state_dict(load_torch_file(folder / "optimizer.pt"))
 
