@@ -648,7 +648,7 @@ class AGD(torch.optim.Optimizer):
         os_ = orthogonalise_many(ms, newton_schulz_dtype(self.params[0].device))  # same shapes stacked
         for ci, m, o in zip(self._spectral, ms, os_):
             segs, blocks = self._segments_of(ci), blocks_of[ci]
-            duals[ci] = (m.double() * o.double()).sum()  # fp32 products, exact in fp64: sums agree across layouts
+            duals[ci] = (m * o).sum(dtype=torch.float64)  # fp32 products summed in fp64: layouts agree
             col_sq = o.square().sum(dim=0)  # per column, to split by part below
             for si, region in zip(segs, self._split_columns(o, blocks)):
                 whole_dirs[si] = region
@@ -724,7 +724,7 @@ class AGD(torch.optim.Optimizer):
         for k, o in zip(selected, results):
             si, _, g, _ = pieces[k]
             o = o.float()
-            partial[comp_pos[self.segments[si]["comp"]]] += (g.reshape(-1).float().double() * o.double()).sum()
+            partial[comp_pos[self.segments[si]["comp"]]] += (g.reshape(-1).float() * o).sum(dtype=torch.float64)
             partial[seg_pos[si]] += o.square().sum().double()
             directions[k] = o.to(g.dtype)
         return {"partial": partial}, directions

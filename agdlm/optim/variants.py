@@ -100,15 +100,13 @@ def orthogonalise_many(ms: list[torch.Tensor], dtype: torch.dtype) -> list[torch
     iteration; returned in fp32. In bf16 the matmuls accumulate in fp32 (as tensor cores do)
     and the start is normalised with BF16_SAFETY; fp32 keeps the plain Frobenius start."""
     out: list[torch.Tensor | None] = [None] * len(ms)
-    by_shape: dict[tuple, list[int]] = {}
+    by_shape: dict[tuple, list[int]] = {}  # wide orientation (a tall matrix transposed): more share a shape
     for i, m in enumerate(ms):
-        by_shape.setdefault(tuple(m.shape), []).append(i)
+        by_shape.setdefault((min(m.shape), max(m.shape)), []).append(i)
     a, b, c = NS_COEFFICIENTS
     for shape, idx in by_shape.items():
-        x = torch.stack([ms[i] for i in idx]).float() if len(idx) > 1 else ms[idx[0]].float().unsqueeze(0)
-        tall = shape[0] > shape[1]
-        if tall:  # iterate on the small Gram matrix
-            x = x.transpose(1, 2)
+        wide = [ms[i].float() if ms[i].shape[0] <= ms[i].shape[1] else ms[i].float().T for i in idx]
+        x = torch.stack(wide) if len(idx) > 1 else wide[0].unsqueeze(0)
         norm = x.flatten(1).norm(dim=1)[:, None, None]
         x = x / (norm * BF16_SAFETY + 1e-7) if dtype == torch.bfloat16 else x / (norm + 1e-7)
         x = x.to(dtype)
@@ -116,10 +114,8 @@ def orthogonalise_many(ms: list[torch.Tensor], dtype: torch.dtype) -> list[torch
             gram = x @ x.transpose(1, 2)
             x = torch.baddbmm(x, b * gram + c * gram @ gram, x, beta=a)  # a x + (b G + c G^2) x: one new x
         x = x.float()
-        if tall:
-            x = x.transpose(1, 2)
         for k, i in enumerate(idx):
-            out[i] = x[k]
+            out[i] = x[k] if ms[i].shape[0] <= ms[i].shape[1] else x[k].T
     return out  # type: ignore[return-value]
 
 
