@@ -136,6 +136,8 @@ def compare_cell(cell: Cell, runs: list[RunLog]) -> CellComparison | None:
         ok = [r for r in mine if r.usable]
         apart = any(r.sensitivity for r in mine)
         entries = comparison.sensitivity if apart else comparison.entries
+        if not ok and all(r.status == "not finished" for r in mine):
+            continue  # still running (or stopped before DONE): listed as not finished, not a failure
         if not ok:  # every run of this setting failed here: a result, shown as such
             (comparison.sensitivity_failures if apart else comparison.failures).setdefault(setting, {})[seed] = mine
             continue
