@@ -2,6 +2,7 @@
 runner, and launch text (torchrun lines, a Slurm array script) that parses back into the
 same runs."""
 
+import json
 import re
 import shlex
 import subprocess
@@ -179,6 +180,8 @@ def test_local_runs_then_skips_finished(tmp_path, capsys):
         assert (run_dir / "DONE").is_file()
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
         assert cfg["log"]["group"] == "mini" and cfg["train"]["run_name"] == name
+        timing = json.loads((run_dir / "timing.json").read_text())  # whether its speed figures are comparable
+        assert isinstance(timing["idle"], bool) and timing["samples"] >= 2 and timing["note"]
     # a second launch runs nothing; torchrun/slurm output leaves finished runs out
     assert main([str(path), "--out-dir", str(out)]) == 0
     assert "2 finished, 0 to run" in capsys.readouterr().out
@@ -198,3 +201,15 @@ def test_cli_entry_point(tmp_path):
     assert res.returncode == 0 and "sweep mini: 2 run(s)" in res.stdout
     res = subprocess.run([sys.executable, "-m", "agdlm", "sweep", str(tmp_path / "nope.yaml")], capture_output=True, text=True)
     assert res.returncode == 2 and "sweep file not found" in res.stderr
+
+
+def test_load_watch_marks_a_run_idle_only_below_its_own_load():
+    from agdlm.load_watch import MARGIN, LoadWatch
+
+    watch = LoadWatch(own_load=2.0)
+    watch.samples = [1.8, 2.0 + MARGIN]  # the run alone (with its loader and the OS): idle
+    assert watch.idle and watch.record()["note"] == "machine otherwise idle"
+    watch.samples.append(2.0 + MARGIN + 0.01)  # one more busy job for a while: not idle
+    record = watch.record()
+    assert record["idle"] is False and record["max_loadavg_1min"] == round(2.0 + MARGIN + 0.01, 2)
+    assert "not idle" in record["note"]
