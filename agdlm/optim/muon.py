@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from agdlm.optim.combined import CombinedOptimizer
-from agdlm.optim.kind import OptimiserKind, decay_groups
+from agdlm.optim.kind import OptimiserKind, OptimiserRefused, decay_groups
 
 LR_ADJUSTMENT = "match_rms_adamw"
 
@@ -46,6 +46,11 @@ class MuonKind(OptimiserKind):
     backends = ("single", "ddp", "fsdp2")  # FSDP2 and HSDP: each matrix whole on an owner (muon_sharded)
     refusal = ("DeepSpeed hands its optimiser flat partitions, and torch.optim.Muon on a partition would "
                "orthogonalise the partition, not the matrix")
+
+    def check(self, cfg) -> None:
+        if not hasattr(torch.optim, "Muon"):
+            raise OptimiserRefused(f"optim.name=muon needs torch.optim.Muon (torch >= 2.9; this is torch {torch.__version__})")
+        super().check(cfg)
 
     def build(self, model, optim_cfg, device_type):
         matrices, others = split_parameters(model)
