@@ -87,9 +87,6 @@ class OptimiserKind:
         duration; the training iterate comes back bitwise after it."""
         yield
 
-    def before_save(self, optimizer) -> None:
-        """Called inside evaluation_weights before a checkpoint is written."""
-
     def after_load(self, optimizer) -> None:
         """Called after a checkpoint was loaded into the model and the optimiser."""
 
