@@ -99,19 +99,24 @@ def time_interleaved(steps: dict, device, warmup: int, repeats: int) -> dict[str
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def model_with_random_grads(shapes: dict, device) -> torch.nn.Module:
+    """A GPT of these shapes (vocab 50,304) whose every parameter holds a random gradient."""
+    from agdlm.model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(vocab_size=50304, **shapes)).to(device)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    return model
+
+
 def bench_case(name: str, shapes: dict, device, warmup: int, repeats: int, sync_check: bool = False,
                compiled: bool = False, variant: str = "none") -> dict:
-    from agdlm.model import GPT, GPTConfig
     from agdlm.optim import AGD
 
     torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=50304, **shapes)
 
     def make():
-        m = GPT(cfg).to(device)
-        for p in m.parameters():
-            p.grad = torch.randn_like(p) * 1e-3
-        return m
+        return model_with_random_grads(shapes, device)
 
     m_agd, m_adam = make(), make()
     agd = AGD(m_agd, variant=variant)

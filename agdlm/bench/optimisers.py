@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from agdlm.bench.optim import CASES, _sync, time_interleaved
+from agdlm.bench.optim import CASES, _sync, model_with_random_grads, time_interleaved
 
 # (label, config files and overrides): what a user gets from `optim/<file>.yaml`
 OPTIMISERS = {
@@ -35,14 +35,11 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 def build(label: str, shapes: dict, device: torch.device):
     from agdlm.config import load_config, split_config_items
-    from agdlm.model import GPT
     from agdlm.optim.registry import kind_of
 
     cfg = load_config(*split_config_items(OPTIMISERS[label]))
     torch.manual_seed(0)
-    model = GPT(type(cfg.model)(vocab_size=50304, **shapes)).to(device)
-    for p in model.parameters():
-        p.grad = torch.randn_like(p) * 1e-3
+    model = model_with_random_grads(shapes, device)
     kind = kind_of(cfg.optim.name)
     optimizer = kind.build(model, cfg.optim, device.type)
     kind.set_lr(optimizer, cfg.optim.warmup_steps, cfg.optim, 10 * cfg.optim.warmup_steps)  # past warmup
@@ -50,13 +47,9 @@ def build(label: str, shapes: dict, device: torch.device):
 
 
 def bench_optimisers(case: str, device: torch.device, warmup: int, repeats: int) -> list[dict]:
-    from agdlm.model import GPT, GPTConfig
-
     shapes = CASES[case]
     torch.manual_seed(0)
-    reference = GPT(GPTConfig(vocab_size=50304, **shapes)).to(device)
-    for p in reference.parameters():
-        p.grad = torch.randn_like(p) * 1e-3
+    reference = model_with_random_grads(shapes, device)
     adamw = torch.optim.AdamW(reference.parameters(), lr=1e-4, fused=True)
     steps, built = {"fused AdamW": adamw.step}, {"fused AdamW": (adamw, sum(p.numel() for p in reference.parameters()))}
     for label in OPTIMISERS:

@@ -681,7 +681,7 @@ class AGD(torch.optim.Optimizer):
 
     def _owner_exchange(self, pieces, selected: list[int]):
         """One OwnerExchange per piece layout (the layout's all_gather runs once)."""
-        from agdlm.parallel.owners import OwnerExchange
+        from agdlm.parallel.owners import OwnerExchange, newton_schulz_cost
 
         cached = getattr(self, "_exchange", None)
         if cached is not None and cached[0] == self._pieces_key:
@@ -694,8 +694,7 @@ class AGD(torch.optim.Optimizer):
             jobs.append([region_of[si] for si in segs])
             rows = self.plan.components[ci].parts[0].shape[0]
             cols = sum(p.shape[1] if len(p.shape) == 2 else 1 for p in self.plan.components[ci].parts)
-            short, long = min(rows, cols), max(rows, cols)
-            costs.append(float(short * short * (2 * long + short)))  # Newton-Schulz's flops, up to a constant
+            costs.append(newton_schulz_cost(rows, cols))
         local = [(region_of[pieces[k][0]], pieces[k][3] - self.segments[pieces[k][0]]["start"], pieces[k][2].numel())
                  for k in selected]
         exchange = OwnerExchange(getattr(self.binding, "group", None), sizes, jobs, costs, local)

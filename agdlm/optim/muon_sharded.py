@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
 
-from agdlm.parallel.owners import OwnerExchange
+from agdlm.parallel.owners import OwnerExchange, newton_schulz_cost
 
 
 class ShardedMuon(torch.optim.Muon):
@@ -30,7 +30,7 @@ class ShardedMuon(torch.optim.Muon):
             if self.binding is None:
                 raise RuntimeError("ShardedMuon: not bound to a shard group (the FSDP2 backend binds it)")
             sizes = [p.numel() for p in self.params]
-            costs = [float(min(p.shape) ** 2 * (2 * max(p.shape) + min(p.shape))) for p in self.params]
+            costs = [newton_schulz_cost(*p.shape) for p in self.params]
             local = [(i, self.binding.starts[i], p._local_tensor.numel()) for i, p in enumerate(self.params)
                      if p._local_tensor.numel() > 0]
             self._exchange = OwnerExchange(self.binding.group, sizes, [[i] for i in range(len(sizes))], costs, local)

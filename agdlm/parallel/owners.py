@@ -28,6 +28,12 @@ import torch.distributed as dist
 Piece = tuple[int, int, int]  # (region, offset in the region, number of elements)
 
 
+def newton_schulz_cost(rows: int, cols: int) -> float:
+    """Newton-Schulz's flops on a rows x cols matrix, up to a constant: s^2 (2l + s)."""
+    short, long = min(rows, cols), max(rows, cols)
+    return float(short * short * (2 * long + short))
+
+
 def balance_owners(costs: list[float], world: int) -> list[int]:
     """Greedy longest-first: the costliest job goes to the least-loaded rank (ties: lowest rank)."""
     owners = [0] * len(costs)
