@@ -236,35 +236,57 @@ def test_ratio_and_beats_muon_summary(grid, tmp_path):
 
 # ---- timings from a shared machine are marked, and kept apart ------------------------------
 
-def test_timings_not_from_an_idle_machine_are_marked(tmp_path):
-    root = tmp_path / "runs"
+def test_timings_not_from_an_idle_machine_are_marked_or_taken_from_idle_runs_of_their_kind(tmp_path):
+    """A run that shared its machine takes the idle median of its speed class (shape and
+    setting: its other seeds, or --timing-runs), marked ‡; with none it keeps its own figure,
+    marked †, and the summary keeps those apart."""
+    root, timing_root = tmp_path / "runs", tmp_path / "timing"
     adamw_curve = [(0, 7.0), (1024, 5.0), (2048, 4.2), (3072, 3.9), (4096, 3.6)]
     agd_curve = [(0, 7.0), (1024, 5.0), (2048, 4.0), (3072, 3.5), (4096, 3.4)]  # reaches 3.6 at 2,867.2 tokens
+    shared = {"idle": False, "note": "ran beside the test suite"}
     for seed in (0, 1):
         # median of 1/tokens_per_s: 1/2,000 s
         write_run(root, f"adamw-s{seed}", {"name": "adamw", "lr": 3e-3}, curve=adamw_curve, seed=seed,
                   train=[{"tokens_per_s": 1000.0}, {"tokens_per_s": 2000.0}, {"tokens_per_s": 4000.0}])
-        # no rate logged: step_time_s / 1,024 tokens per step, median 1.0 s / 1,024
+        # no rate logged: step_time_s / 1,024 tokens per step; seed 1 (idle) median 1.0 s, seed 0 (shared) 3.0 s
+        times = [0.5, 1.0, 2.0] if seed else [3.0, 3.0, 3.0]
         write_run(root, f"agd-s{seed}", {"name": "agd"}, curve=agd_curve, seed=seed,
-                  train=[{"step_time_s": 0.5}, {"step_time_s": 1.0}, {"step_time_s": 2.0}],
-                  timing={"idle": False, "note": "ran beside the test suite"} if seed == 0 else {"idle": True})
-    result = build_report([root], tmp_path / "rep")
+                  train=[{"step_time_s": t} for t in times], timing=shared if seed == 0 else {"idle": True})
+        # no idle run of its kind anywhere: its own figure, marked
+        write_run(root, f"mom-s{seed}", {"name": "agd", "variant": "momentum"}, curve=agd_curve, seed=seed,
+                  train=[{"step_time_s": 1.0}], timing=shared)
+        # an idle timing-only run of its kind, shorter: 1/4,096 s a token
+        write_run(root, f"spec-s{seed}", {"name": "agd", "variant": "spectral"}, curve=agd_curve, seed=seed,
+                  train=[{"step_time_s": 2.0}], timing=shared)
+    write_run(timing_root, "spec-timing", {"name": "agd", "variant": "spectral"}, curve=[(0, 7.0), (1024, 5.0)],
+              train=[{"tokens_per_s": 4096.0}], timing={"idle": True})
+    result = build_report([root], tmp_path / "rep", timing_paths=[timing_root])
+    assert len(result["runs"]) == 8 and len(result["cells"]) == 1  # the timing run is no result
     detail = {(r["setting"], r["seed"]): r for r in table_cells(next(iter(result["details"].values())))}
     assert detail[("AdamW", "0")]["seconds per token"] == "500 µs"
     assert detail[("AdamW", "0")]["time to target"] == f"{4096 / 2000:.3g} s"
-    assert detail[("AGD default", "0")]["seconds per token"] == f"{1e6 / 1024:.3g} µs†"
-    assert detail[("AGD default", "0")]["time to target"] == f"{2867.2 / 1024:.3g} s†"
-    assert detail[("AGD default", "1")]["seconds per token"] == f"{1e6 / 1024:.3g} µs"  # idle: no dagger
-    # the summary keeps the marked pair (seed 0) apart from the idle one (seed 1)
-    speed = table_cells(result["speed_summary"])[0]
-    ratio = (2867.2 / 1024) / (4096 / 2000)
-    assert speed["time to target / tuned AdamW's (idle machine)"] == f"{ratio:.3f} (n=1)"
-    assert speed["the same, timings marked †"] == f"†{ratio:.3f} (n=1)"
+    assert detail[("AGD default", "1")]["seconds per token"] == f"{1e6 / 1024:.3g} µs"  # idle: its own
+    assert detail[("AGD default", "0")]["seconds per token"] == f"{1e6 / 1024:.3g} µs‡"  # seed 1's
+    assert detail[("AGD default", "0")]["time to target"] == f"{2867.2 / 1024:.3g} s‡"
+    assert detail[("AGD default+momentum", "0")]["seconds per token"] == f"{1e6 / 1024:.3g} µs†"
+    assert detail[("AGD default+spectral", "1")]["seconds per token"] == f"{1e6 / 4096:.3g} µs‡"
+    speed = {r["setting"]: r for r in table_cells(result["speed_summary"])}
+    adamw_time = 4096 / 2000
+    assert speed["AGD default"]["time to target / tuned AdamW's (idle machine)"] == \
+        f"{2867.2 / 1024 / adamw_time:.3f} (n=2)"
+    assert speed["AGD default"]["the same, timings marked †"] == "-"
+    assert speed["AGD default+momentum"]["time to target / tuned AdamW's (idle machine)"] == "-"
+    assert speed["AGD default+momentum"]["the same, timings marked †"] == f"†{2867.2 / 1024 / adamw_time:.3f} (n=2)"
+    assert speed["AGD default+spectral"]["time to target / tuned AdamW's (idle machine)"] == \
+        f"{2867.2 / 4096 / adamw_time:.3f} (n=2)"
     md = result["report"].read_text()
-    assert "agd-s0: ran beside the test suite" in md and "agd-s1:" not in md
+    note = next(line for line in md.splitlines() if line.startswith("- ran beside the test suite:"))
+    assert "mom-s0" in note and "mom-s1" in note and "agd-s0" not in note and "spec-s0" not in note
     rows = csv_rows(tmp_path / "rep")
-    assert row(rows, setting="AGD default", seed="0")["timing_marked"] == "True"
-    assert row(rows, setting="AGD default", seed="1")["timing_marked"] == "False"
+    assert row(rows, setting="AGD default", seed="0")["timing_marked"] == "False"
+    assert row(rows, setting="AGD default", seed="0")["timing_from"] == "agd-s1"
+    assert row(rows, setting="AGD default+spectral", seed="0")["timing_from"] == "spec-timing"
+    assert row(rows, setting="AGD default+momentum", seed="0")["timing_marked"] == "True"
 
 
 def test_a_timing_file_that_is_not_one_skips_the_run_with_a_warning(tmp_path):
@@ -274,3 +296,46 @@ def test_a_timing_file_that_is_not_one_skips_the_run_with_a_warning(tmp_path):
     runs, warnings = read_runs([root])
     assert [r.name for r in runs] == ["good"]
     assert len(warnings) == 1 and "bad/timing.json" in warnings[0]
+
+
+# ---- the third-seed rule ----------------------------------------------------------------------
+
+def test_the_top_two_of_a_cell_within_the_seed_spread_get_a_third_seed(tmp_path):
+    root = tmp_path / "runs"
+    finals = {("adamw", 3e-3): (3.6, 3.7), ("adamw", 1e-3): (3.8, 3.9),
+              ("muon", 1e-2): (3.30, 3.40), ("muon", 2e-2): (3.25, 3.50)}
+    for (family, lr), per_seed in finals.items():
+        for seed, final in enumerate(per_seed):
+            write_run(root, f"{family}-{lr}-s{seed}", {"name": family, "lr": lr}, final=final, seed=seed)
+    for seed, final in enumerate((3.35, 3.36)):
+        write_run(root, f"agd-s{seed}", {"name": "agd", "variant": "spectral_momentum"}, final=final, seed=seed)
+    # Muon per seed at its best lr: 3.25 (2e-2), 3.40 (1e-2): mean 3.325, spread 0.15; AGD 3.355,
+    # spread 0.01; the gap 0.03 is within the larger spread. Muon's two-seed means: 1e-2 3.35,
+    # 2e-2 3.375, so its third seed runs at 1e-2.
+    result = build_report([root], tmp_path / "rep")
+    tie = table_cells(result["ties_table"])[0]
+    assert tie["first (mean; seeds)"] == "Muon @ 1e-2 (3.3250; 3.2500, 3.4000)"
+    assert tie["second (mean; seeds)"] == "AGD default+spectral_momentum (3.3550; 3.3500, 3.3600)"
+    assert (tie["gap"], tie["larger spread"], tie["near tie"]) == ("0.0300", "0.1500", "yes")
+    assert tie["decision"] == "third seed not run yet"
+    # the third seed: Muon at 1e-2 (a run at 5e-3 is not the one the rule named), and AGD
+    write_run(root, "muon-1e-2-s2", {"name": "muon", "lr": 1e-2}, final=3.50, seed=2)
+    write_run(root, "muon-5e-3-s2", {"name": "muon", "lr": 5e-3}, final=3.00, seed=2)
+    write_run(root, "agd-s2", {"name": "agd", "variant": "spectral_momentum"}, final=3.30, seed=2)
+    result = build_report([root], tmp_path / "rep2")
+    tie = table_cells(result["ties_table"])[0]
+    muon3, agd3 = (3.25 + 3.40 + 3.50) / 3, (3.35 + 3.36 + 3.30) / 3
+    assert tie["decision"] == (f"AGD default+spectral_momentum by {muon3 - agd3:.4f} over three seeds "
+                               f"({agd3:.4f} vs {muon3:.4f})")
+    # the seed-2 runs have no tuned AdamW to be a ratio against: the cell's seeds stay 0 and 1
+    assert "| 2 |" not in next(iter(result["details"].values()))
+
+
+def test_top_two_apart_by_more_than_their_spread_need_no_third_seed(tmp_path):
+    root = tmp_path / "runs"
+    for seed, (adamw, agd) in enumerate(((3.6, 3.4), (3.62, 3.41))):
+        write_run(root, f"adamw-s{seed}", {"name": "adamw", "lr": 3e-3}, final=adamw, seed=seed)
+        write_run(root, f"agd-s{seed}", {"name": "agd"}, final=agd, seed=seed)
+    tie = table_cells(build_report([root], tmp_path / "rep")["ties_table"])[0]
+    assert (tie["gap"], tie["larger spread"], tie["near tie"]) == ("0.2050", "0.0200", "no")
+    assert tie["decision"] == "no third seed needed"

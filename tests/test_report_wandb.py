@@ -91,3 +91,22 @@ def test_report_shows_eval_results_without_wandb(runs_dir, tmp_path):
     assert not (out / "wandb").exists()
     header = (out / "runs.csv").read_text().splitlines()[0]
     assert header.endswith("eval loss owt-val,hellaswag_val acc_norm")
+
+
+def test_report_run_carries_the_top_two_table(tmp_path, monkeypatch):
+    """With two seeds the report ranks each cell's top two (the third-seed rule); the W&B
+    comparison run carries that table as report.md shows it."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    root = tmp_path / "runs" / "fixture"
+    common = ["model.n_embd=64", "model.n_head=2"]
+    for seed in (0, 1):
+        seeds = [f"train.seed={seed}"]
+        write_run(root, f"agd-s{seed}", common + seeds + ["optim.name=agd"], final_shift=0.2 + 0.1 * seed)
+        write_run(root, f"adamw-s{seed}", common + seeds + ["optim.name=adamw", "optim.lr=3e-3"], final_shift=0.3)
+    out = tmp_path / "report"
+    assert main([str(root), "-o", str(out), "--wandb", "offline"]) == 0
+    logs = offline_runs(out)
+    rows = table_rows(logs[0].parent / "files", "comparison/top_two")
+    assert len(rows) == 1 and rows[0]["first (mean; seeds)"].startswith("AdamW @ 3e-3")
+    assert rows[0]["near tie"] == "yes"  # the gap 0.05 is within AGD's seed spread, 0.1
+    assert " | ".join(map(str, rows[0].values())) in (out / "report.md").read_text()

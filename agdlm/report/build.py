@@ -16,6 +16,7 @@ from agdlm.report.roles import role_final_rows, role_markdown, write_role_csv
 from agdlm.report.runs import NoRuns, RunLog, read_runs
 from agdlm.report.scaling import scaling_groups
 from agdlm.report.scaling_table import SCALING_NOTE, scaling_markdown
+from agdlm.report.ties import TIES_NOTE, ties_markdown, top_two
 from agdlm.report.tables import downstream_markdown, markdown_table, table_rows, write_csv
 
 PLOTS = {
@@ -29,10 +30,10 @@ PLOTS = {
 COMPARISON_CSV = "vs_adamw.csv"
 
 
-def write_outputs(runs: list[RunLog], out: Path) -> dict:
+def write_outputs(runs: list[RunLog], out: Path, timing_runs: list[RunLog] = ()) -> dict:
     """Every file of the report folder but report.md; the tables report.md and W&B show."""
     out.mkdir(parents=True, exist_ok=True)
-    cells = compare_cells(runs)
+    cells = compare_cells(runs, timing_runs)
     plots = [name for name, (fn, _) in PLOTS.items() if fn(runs, cells, out / name)]
     write_csv(runs, out / "runs.csv")
     if cells:
@@ -51,7 +52,9 @@ def write_outputs(runs: list[RunLog], out: Path) -> dict:
         "ratio_summary": summary_markdown(summaries) if main_cells else None,
         "speed_summary": speed_markdown(summaries) if main_cells else None,
         "details": {c.cell.label: detail_markdown(c) for c in main_cells},
+        "ties_table": ties_markdown(top_two(main_cells, runs)), "ties_note": TIES_NOTE,
         "marked": marked_notes(cells),
+        "borrowed": any(e.borrowed for c in cells for per_seed in c.entries.values() for e in per_seed.values()),
         "gain_table": gain_markdown(cells),
         "scaling_table": scaling_markdown(groups) if groups else None,
         "scaling_note": SCALING_NOTE,
@@ -59,17 +62,20 @@ def write_outputs(runs: list[RunLog], out: Path) -> dict:
     }
 
 
-def build_report(paths: list[str | Path], out: str | Path, title: str | None = None) -> dict:
+def build_report(paths: list[str | Path], out: str | Path, title: str | None = None,
+                 timing_paths: list[str | Path] = ()) -> dict:
     """Write the report folder; returns what it wrote (tables as markdown, plot paths, report,
     warnings, runs, cells). A run that cannot be read is left out with a warning; none readable
-    is NoRuns."""
+    is NoRuns. Runs under `timing_paths` give idle seconds per token only (agdlm.report.timing)."""
     runs, warnings = read_runs(paths)
+    timing_runs, timing_warnings = read_runs(timing_paths) if timing_paths else ([], [])
+    warnings += timing_warnings
     if not runs:
         found = f" ({'; '.join(warnings)})" if warnings else ""
         raise NoRuns(f"no readable runs (folders with metrics.jsonl) in {', '.join(map(str, paths))}{found}")
     warnings += duplicate_runs(runs)
     out = Path(out)
-    written = write_outputs(runs, out)
+    written = write_outputs(runs, out, timing_runs)
     groups = sorted({str(r.config.get("log", {}).get("group")) for r in runs if r.config.get("log", {}).get("group")})
     title = title or f"agdlm report: {', '.join(groups) if groups else ', '.join(str(p) for p in paths)}"
     intro = (f"{len(runs)} run(s) from {', '.join(f'`{p}`' for p in paths)}; written by `agdlm report` from each "

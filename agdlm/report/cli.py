@@ -28,7 +28,9 @@ The folder holds:
 A cell is everything but the optimiser's settings and the seed (width, layers, batch,
 tokenizer, block size, planned tokens), read from each run's config.yaml. A folder that holds
 metrics.jsonl is a run; any other folder is searched (one level) for runs. timing.json beside a
-run's metrics.jsonl ({"idle": false, "note": "..."}) marks its timings as not from an idle machine.
+run's metrics.jsonl ({"idle": false, "note": "..."}) marks its timings as not from an idle machine;
+such a run takes the seconds per token of the idle runs of its shape and optimiser where there are
+any (its cell's other lrs and seeds, or --timing-runs).
 """
 
 
@@ -38,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("paths", nargs="+", metavar="RUN_DIR_OR_SWEEP_DIR")
     p.add_argument("-o", "--out", help="report folder (default: <sweep dir>/report for one folder, else ./report)")
     p.add_argument("--title", help="the report's heading")
+    p.add_argument("--timing-runs", nargs="+", default=[], metavar="RUN_DIR_OR_SWEEP_DIR",
+                   help="runs that give idle seconds per token only (never results): a run that shared its machine "
+                        "takes the median of the idle runs of its shape and optimiser")
     p.add_argument("--wandb", choices=("off", "offline", "online"), default="off",
                    help="also log the comparison as one W&B run (the same tables, line plots, the plots as images)")
     p.add_argument("--project", help="W&B project (default: the runs' log.project)")
@@ -47,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (str(Path(args.paths[0]) / "report") if len(args.paths) == 1 and not
                        (Path(args.paths[0]) / "metrics.jsonl").is_file() else "report")
     try:
-        result = build_report(args.paths, out, args.title)
+        result = build_report(args.paths, out, args.title, args.timing_runs)
     except NoRuns as e:
         print(f"agdlm report: {e}", file=sys.stderr)
         return 2

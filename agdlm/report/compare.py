@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from agdlm.report.optimisers import FAITHFUL_AGD, LR_SWEPT, MUON, REFERENCE, family_label, setting_order
 from agdlm.report.runs import Cell, RunLog
+from agdlm.report.timing import SpeedBook, Timing
 
 WITHIN = 1.05  # "close to tuned AdamW": the study's decision rule
 
@@ -45,6 +46,7 @@ class Entry:
     reference: RunLog
     muon: RunLog | None = None
     lrs: tuple[float, ...] = ()  # a swept family: the lrs that finished in this cell and seed
+    timing: Timing | None = None  # seconds per token from an idle machine where one measured it
 
     @property
     def final(self) -> float:
@@ -73,7 +75,7 @@ class Entry:
 
     @property
     def seconds_per_token(self) -> float | None:
-        return self.run.seconds_per_token
+        return self.timing.seconds_per_token if self.timing else self.run.seconds_per_token
 
     @property
     def time_to_target(self) -> float | None:
@@ -82,8 +84,13 @@ class Entry:
 
     @property
     def marked(self) -> bool:
-        """Timed on a shared machine (timing.json idle: false)."""
-        return not self.run.timed_idle
+        """Timed on a shared machine (timing.json idle: false), with no idle run of its speed class."""
+        return self.timing.marked if self.timing else not self.run.timed_idle
+
+    @property
+    def borrowed(self) -> bool:
+        """Its seconds per token come from idle runs of the same shape and optimiser, not its own."""
+        return bool(self.timing and self.timing.borrowed_from)
 
 
 @dataclass
@@ -117,8 +124,9 @@ def best_by_final(runs: list[RunLog]) -> RunLog:
     return min(runs, key=lambda r: r.final_val_loss)  # ties: the first in sort order (lower lr)
 
 
-def compare_cell(cell: Cell, runs: list[RunLog]) -> CellComparison | None:
+def compare_cell(cell: Cell, runs: list[RunLog], speeds: SpeedBook | None = None) -> CellComparison | None:
     """The comparison of one cell's runs; None without a tuned AdamW or without anything else."""
+    speeds = speeds or SpeedBook(runs)
     usable = [r for r in runs if r.usable]
     by_seed: dict[int, list[RunLog]] = {}
     for r in usable:
@@ -144,16 +152,19 @@ def compare_cell(cell: Cell, runs: list[RunLog]) -> CellComparison | None:
         swept = ok[0].optimiser in LR_SWEPT
         run = best_by_final(ok) if swept else ok[0]  # lr-free duplicates: the first by name (duplicate_runs warns)
         lrs = tuple(sorted({r.lr for r in ok})) if swept else ()
-        entries.setdefault(setting, {})[seed] = Entry(cell, seed, setting, run, reference[seed], muon.get(seed), lrs)
+        entries.setdefault(setting, {})[seed] = Entry(cell, seed, setting, run, reference[seed], muon.get(seed), lrs,
+                                                      speeds.timing(run))
     return comparison if len(comparison.settings) > 1 or comparison.sensitivity else None
 
 
-def compare_cells(runs: list[RunLog]) -> list[CellComparison]:
-    """Every cell that holds a tuned AdamW and some other setting, in cell order."""
+def compare_cells(runs: list[RunLog], timing_runs: list[RunLog] = ()) -> list[CellComparison]:
+    """Every cell that holds a tuned AdamW and some other setting, in cell order. `timing_runs`
+    add idle speed figures only (agdlm.report.timing), never results."""
+    speeds = SpeedBook([*runs, *timing_runs])
     by_cell: dict[Cell, list[RunLog]] = {}
     for r in runs:
         by_cell.setdefault(r.cell, []).append(r)
-    return [c for cell in sorted(by_cell) if (c := compare_cell(cell, by_cell[cell])) is not None]
+    return [c for cell in sorted(by_cell) if (c := compare_cell(cell, by_cell[cell], speeds)) is not None]
 
 
 def duplicate_runs(runs: list[RunLog]) -> list[str]:

@@ -82,8 +82,8 @@ def detail_markdown(c: CellComparison) -> str:
             if entry is not None:
                 rows.append([setting, str(seed), lr_text(entry) if entry.lrs else "-", fmt_loss(entry.final),
                              fmt_ratio(entry.ratio), fmt_ratio(entry.vs_muon), fmt_tokens(entry.tokens_to_target),
-                             fmt_seconds_per_token(entry.seconds_per_token, entry.marked),
-                             fmt_duration(entry.time_to_target, entry.marked)])
+                             fmt_seconds_per_token(entry.seconds_per_token, entry.marked, entry.borrowed),
+                             fmt_duration(entry.time_to_target, entry.marked, entry.borrowed)])
             elif failed := c.failure(setting, seed):
                 last = failed[0].final_val_loss  # the last finite eval, for a run that blew up or stopped
                 status = failure_text(failed) + (f" (last eval {last:.4f})" if last is not None else "")
@@ -92,10 +92,14 @@ def detail_markdown(c: CellComparison) -> str:
 
 
 def marked_notes(cells: list[CellComparison]) -> list[str]:
-    """One line per run whose timings carry the dagger, with its timing.json note."""
-    runs = {e.run.path: e.run for c in cells for per_seed in c.entries.values() for e in per_seed.values()
-            if e.marked}
-    return [f"{r.name}: {r.timing.get('note') or 'not timed on an idle machine'}" for r in runs.values()]
+    """One line per timing.json note of the runs whose timings carry the dagger, naming them by cell."""
+    by_note: dict[str, dict[str, dict[str, None]]] = {}
+    for c in cells:
+        for e in (e for per_seed in c.entries.values() for e in per_seed.values() if e.marked):
+            note = e.run.timing.get("note") or "not timed on an idle machine"
+            by_note.setdefault(note, {}).setdefault(c.cell.label, {})[e.run.name] = None
+    return [f"{note}: " + "; ".join(f"{cell}: {', '.join(names)}" for cell, names in per_cell.items())
+            for note, per_cell in by_note.items()]
 
 
 # ---- across the grid --------------------------------------------------------------------
@@ -147,7 +151,7 @@ def gain_markdown(cells: list[CellComparison]) -> str | None:
 CSV_HEAD = ["n_embd", "n_layer", "tokenizer", "global_batch_size", "block_size", "tokens", "setting", "optimiser",
             "gain_sensitivity", "seed", "status", "run", "lr", "lr_at_edge", "final_val_loss", "adamw_run", "adamw_lr",
             "adamw_final_val_loss", "ratio", "muon_run", "muon_lr", "muon_final_val_loss", "vs_muon",
-            "tokens_to_target", "seconds_per_token", "time_to_target_s", "timing_marked"]
+            "tokens_to_target", "seconds_per_token", "time_to_target_s", "timing_marked", "timing_from"]
 
 
 def csv_rows(cells: list[CellComparison]) -> list[list]:
@@ -165,7 +169,8 @@ def csv_rows(cells: list[CellComparison]) -> list[list]:
                                      e.run.lr, e.lr_at_edge, e.final, e.reference.name, e.reference.lr,
                                      e.reference.final_val_loss, e.ratio, muon.name if muon else "",
                                      muon.lr if muon else "", muon.final_val_loss if muon else "", e.vs_muon,
-                                     e.tokens_to_target, e.seconds_per_token, e.time_to_target, e.marked])
+                                     e.tokens_to_target, e.seconds_per_token, e.time_to_target, e.marked,
+                                     " ".join(e.timing.borrowed_from) if e.timing else ""])
                     elif failed := failures.get(setting, {}).get(seed):
                         rows.append([*cell, setting, failed[0].optimiser, sensitivity, seed, failure_text(failed),
                                      failed[0].name, *[""] * (len(CSV_HEAD) - 12)])

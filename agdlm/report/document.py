@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agdlm.report.markdown import DAGGER
+from agdlm.report.markdown import BORROWED, DAGGER
 from agdlm.report.roles import ROLES_NOTE
 from agdlm.report.shapes import FLOPS_FORMULA
 from agdlm.report.tables import RUNS_NOTE
@@ -28,8 +28,14 @@ SPEED_NOTE = (
     "to target: seconds per token x tokens to target. Medians over the (cell, seed) pairs that reach the target; "
     "below 1: fewer tokens or less time than tuned AdamW.")
 DAGGER_NOTE = (
-    f"{DAGGER} a timing from a run that shared its machine (timing.json beside its metrics.jsonl says idle: false); "
-    "summaries never mix such timings with idle ones.")
+    f"{DAGGER} a timing from a run that shared its machine (timing.json beside its metrics.jsonl says idle: false) "
+    "and has no idle run of the same shape and optimiser to take one from; summaries never mix such timings with "
+    "idle ones.")
+BORROWED_NOTE = (
+    f"{BORROWED} the run shared its machine, or was made before machine load was recorded: its seconds per token are "
+    "the median of the idle runs of the same shape and optimiser (width, layers, tokenizer, batch, block size, "
+    "setting; the lr, seed and length do not change the arithmetic), named in vs_adamw.csv's timing_from. These "
+    "count as idle timings.")
 GAIN_NOTE = (
     "AGD's gain multiplies the step size it derives (1 is the algorithm). Each value: the final val loss at that "
     "gain divided by tuned AdamW's of the same cell and seed, averaged over seeds (each seed in brackets). It shows "
@@ -72,8 +78,11 @@ def report_lines(title: str, intro: str, written: dict, plots: dict[str, str], w
     if written["ratio_table"]:
         lines += section("Every optimiser setting against the best-tuned AdamW (final val loss ratio)",
                          written["ratio_table"], RATIO_NOTE, SUMMARY_NOTE, written["ratio_summary"])
+        if written["ties_table"]:
+            lines += section("The top two settings per cell (the third-seed rule)", written["ties_note"],
+                             written["ties_table"])
         lines += section("Tokens and time to the tuned AdamW's final val loss", SPEED_NOTE, written["speed_summary"],
-                         DAGGER_NOTE if written["marked"] else None)
+                         BORROWED_NOTE if written["borrowed"] else None, DAGGER_NOTE if written["marked"] else None)
         for label, detail in written["details"].items():
             lines += ["", f"### {label}", "", detail]
         if written["marked"]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from agdlm.report.runs import fmt_count
 
 DAGGER = "†"  # a timing from a run that shared its machine (timing.json idle: false)
+BORROWED = "‡"  # a timing from idle runs of the same shape and optimiser (agdlm.report.timing)
 
 
 def table(head: list[str], rows: list[list[str]], left: tuple[int, ...] = (0,)) -> str:
@@ -34,12 +35,16 @@ def fmt_tokens(x: float | None) -> str:
     return fmt_count(round(x)) if x is not None else "not reached"
 
 
-def fmt_seconds_per_token(x: float | None, marked: bool) -> str:
-    return "-" if x is None else f"{x * 1e6:.3g} µs" + (DAGGER if marked else "")
+def timing_mark(marked: bool, borrowed: bool = False) -> str:
+    return DAGGER if marked else BORROWED if borrowed else ""
 
 
-def fmt_duration(x: float | None, marked: bool) -> str:
+def fmt_seconds_per_token(x: float | None, marked: bool, borrowed: bool = False) -> str:
+    return "-" if x is None else f"{x * 1e6:.3g} µs" + timing_mark(marked, borrowed)
+
+
+def fmt_duration(x: float | None, marked: bool, borrowed: bool = False) -> str:
     if x is None:
         return "-"
     text = f"{x:.3g} s" if x < 120 else f"{x / 60:.3g} min" if x < 7200 else f"{x / 3600:.3g} h"
-    return text + (DAGGER if marked else "")
+    return text + timing_mark(marked, borrowed)

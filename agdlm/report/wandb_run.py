@@ -8,6 +8,7 @@ plots:
     comparison/summary            the grid summary per setting (mean/worst ratio, within 5%,
                                   beats tuned Muon, beats AGD default, failures)
     comparison/speed              tokens and time to tuned AdamW's loss, per setting
+    comparison/top_two            per cell, the top two settings and the third-seed rule
     comparison/details            per cell, setting and seed (report.md's per-cell tables)
     comparison/vs_adamw           vs_adamw.csv (every number, per run)
     comparison/gain_sensitivity   AGD's gain table, comparison/scaling the power-law fits,
@@ -123,7 +124,8 @@ def comparison_data(result: dict, out: Path) -> dict:
             transfer, "lr", "final_val_loss", stroke="series",
             title="Final val loss against lr, per swept optimiser and cell (seed mean)")
     for key, name in (("ratio_table", "ratios"), ("ratio_summary", "summary"), ("speed_summary", "speed"),
-                      ("gain_table", "gain_sensitivity"), ("scaling_table", "scaling"), ("roles_table", "agd_roles")):
+                      ("gain_table", "gain_sensitivity"), ("scaling_table", "scaling"), ("roles_table", "agd_roles"),
+                      ("ties_table", "top_two")):
         if result.get(key):
             data[f"comparison/{name}"] = markdown_table(result[key])
     if result.get("details"):
