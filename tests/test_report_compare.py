@@ -260,8 +260,14 @@ def test_timings_not_from_an_idle_machine_are_marked_or_taken_from_idle_runs_of_
                   train=[{"step_time_s": 2.0}], timing=shared)
     write_run(timing_root, "spec-timing", {"name": "agd", "variant": "spectral"}, curve=[(0, 7.0), (1024, 5.0)],
               train=[{"tokens_per_s": 4096.0}], timing={"idle": True})
+    # a short run beside full-length idle ones: the check table sets them side by side
+    write_run(timing_root, "adamw-timing", {"name": "adamw", "lr": 1e-3}, curve=[(0, 7.0), (1024, 5.0)],
+              train=[{"tokens_per_s": 2500.0}])
     result = build_report([root], tmp_path / "rep", timing_paths=[timing_root])
-    assert len(result["runs"]) == 8 and len(result["cells"]) == 1  # the timing run is no result
+    assert len(result["runs"]) == 8 and len(result["cells"]) == 1  # the timing runs are no results
+    check = table_cells(result["speed_check"])
+    assert check == [{"shape": "w64 L2 · b16 · bytes", "setting": "AdamW", "short runs": "400 µs",
+                      "full-length idle runs (n)": "500 µs (2)", "short / full": "0.800"}]
     detail = {(r["setting"], r["seed"]): r for r in table_cells(next(iter(result["details"].values())))}
     assert detail[("AdamW", "0")]["seconds per token"] == "500 µs"
     assert detail[("AdamW", "0")]["time to target"] == f"{4096 / 2000:.3g} s"

@@ -157,10 +157,10 @@ def compare_cell(cell: Cell, runs: list[RunLog], speeds: SpeedBook | None = None
     return comparison if len(comparison.settings) > 1 or comparison.sensitivity else None
 
 
-def compare_cells(runs: list[RunLog], timing_runs: list[RunLog] = ()) -> list[CellComparison]:
-    """Every cell that holds a tuned AdamW and some other setting, in cell order. `timing_runs`
-    add idle speed figures only (agdlm.report.timing), never results."""
-    speeds = SpeedBook([*runs, *timing_runs])
+def compare_cells(runs: list[RunLog], speeds: SpeedBook | None = None) -> list[CellComparison]:
+    """Every cell that holds a tuned AdamW and some other setting, in cell order; seconds per
+    token from `speeds` (agdlm.report.timing), by default from these runs alone."""
+    speeds = speeds or SpeedBook(runs)
     by_cell: dict[Cell, list[RunLog]] = {}
     for r in runs:
         by_cell.setdefault(r.cell, []).append(r)

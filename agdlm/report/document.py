@@ -82,7 +82,8 @@ def report_lines(title: str, intro: str, written: dict, plots: dict[str, str], w
             lines += section("The top two settings per cell (the third-seed rule)", written["ties_note"],
                              written["ties_table"])
         lines += section("Tokens and time to the tuned AdamW's final val loss", SPEED_NOTE, written["speed_summary"],
-                         BORROWED_NOTE if written["borrowed"] else None, DAGGER_NOTE if written["marked"] else None)
+                         BORROWED_NOTE if written["borrowed"] else None, DAGGER_NOTE if written["marked"] else None,
+                         written["speed_check_note"] if written["speed_check"] else None, written["speed_check"])
         for label, detail in written["details"].items():
             lines += ["", f"### {label}", "", detail]
         if written["marked"]:

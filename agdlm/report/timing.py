@@ -12,6 +12,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
+from agdlm.report.markdown import table
 from agdlm.report.runs import RunLog
 
 
@@ -29,13 +30,17 @@ def speed_class(run: RunLog) -> tuple:
 
 
 class SpeedBook:
-    """The idle seconds-per-token figures of every speed class, from finished runs."""
+    """The idle seconds-per-token figures of every speed class, from finished runs; `short` are
+    the timing-only runs among them (kept apart too, for the check against full-length runs)."""
 
-    def __init__(self, runs: list[RunLog]):
+    def __init__(self, runs: list[RunLog], timing_runs: list[RunLog] = ()):
         self.idle: dict[tuple, list[tuple[float, str]]] = {}
-        for r in runs:
+        self.full: dict[tuple, list[float]] = {}
+        self.short: dict[tuple, list[float]] = {}
+        for r, kind in [*((r, self.full) for r in runs), *((r, self.short) for r in timing_runs)]:
             if r.done and r.timed_idle and (spt := r.seconds_per_token) is not None:
                 self.idle.setdefault(speed_class(r), []).append((spt, r.name))
+                kind.setdefault(speed_class(r), []).append(spt)
 
     def timing(self, run: RunLog) -> Timing:
         own = run.seconds_per_token
@@ -46,3 +51,22 @@ class SpeedBook:
             return Timing(statistics.median(s for s, _ in idle), marked=False,
                           borrowed_from=tuple(sorted({name for _, name in idle})))
         return Timing(own, marked=own is not None)
+
+    def checks(self) -> list[tuple[tuple, float, float, int]]:
+        """Per speed class with both: (class, the timing-only runs' median, the full-length idle
+        runs' median, how many full-length runs): is a short run's speed a long run's?"""
+        return [(key, statistics.median(short), statistics.median(self.full[key]), len(self.full[key]))
+                for key, short in sorted(self.short.items()) if key in self.full]
+
+
+CHECK_NOTE = (
+    "The check on taking speed from short timing-only runs: where a shape and optimiser has both, the short runs' "
+    "median seconds per token against the full-length idle runs'.")
+
+
+def checks_markdown(book: SpeedBook) -> str | None:
+    rows = [[f"w{w} L{d} · b{b} · {tok}", setting, f"{short * 1e6:.3g} µs", f"{full * 1e6:.3g} µs ({n})",
+             f"{short / full:.3f}"] for (w, d, tok, b, _, setting), short, full, n in book.checks()]
+    if not rows:
+        return None
+    return table(["shape", "setting", "short runs", "full-length idle runs (n)", "short / full"], rows, left=(0, 1))
