@@ -333,8 +333,12 @@ def test_the_top_two_of_a_cell_within_the_seed_spread_get_a_third_seed(tmp_path)
     muon3, agd3 = (3.25 + 3.40 + 3.50) / 3, (3.35 + 3.36 + 3.30) / 3
     assert tie["decision"] == (f"AGD default+spectral_momentum by {muon3 - agd3:.4f} over three seeds "
                                f"({agd3:.4f} vs {muon3:.4f})")
-    # the seed-2 runs have no tuned AdamW to be a ratio against: the cell's seeds stay 0 and 1
+    # the seed-2 runs have no tuned AdamW to be a ratio against: the cell's seeds stay 0 and 1,
+    # even with an AdamW at one lr on seed 2 (as when AdamW is one of a cell's top two)
+    write_run(root, "adamw-3e-3-s2", {"name": "adamw", "lr": 3e-3}, final=3.65, seed=2)
+    result = build_report([root], tmp_path / "rep3")
     assert "| 2 |" not in next(iter(result["details"].values()))
+    assert table_cells(result["ties_table"])[0]["decision"].startswith("AGD default+spectral_momentum by")
 
 
 def test_top_two_apart_by_more_than_their_spread_need_no_third_seed(tmp_path):

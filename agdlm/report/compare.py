@@ -124,6 +124,18 @@ def best_by_final(runs: list[RunLog]) -> RunLog:
     return min(runs, key=lambda r: r.final_val_loss)  # ties: the first in sort order (lower lr)
 
 
+def tuned_seeds(runs: list[RunLog]) -> set[int]:
+    """The seeds with a tuned AdamW: as many of its lrs run as on any seed of the cell (a
+    third-seed AdamW at one lr is no tuned reference), and one of them finished."""
+    lrs: dict[int, set[float]] = {}
+    for r in runs:
+        if r.optimiser == REFERENCE:
+            lrs.setdefault(r.seed, set()).add(r.lr)
+    most = max(map(len, lrs.values()), default=0)
+    return {seed for seed, mine in lrs.items() if len(mine) == most
+            and any(r.usable for r in runs if r.optimiser == REFERENCE and r.seed == seed)}
+
+
 def compare_cell(cell: Cell, runs: list[RunLog], speeds: SpeedBook | None = None) -> CellComparison | None:
     """The comparison of one cell's runs; None without a tuned AdamW or without anything else."""
     speeds = speeds or SpeedBook(runs)
@@ -131,8 +143,9 @@ def compare_cell(cell: Cell, runs: list[RunLog], speeds: SpeedBook | None = None
     by_seed: dict[int, list[RunLog]] = {}
     for r in usable:
         by_seed.setdefault(r.seed, []).append(r)
+    tuned = tuned_seeds(runs)
     reference = {seed: best_by_final([r for r in rs if r.optimiser == REFERENCE])
-                 for seed, rs in by_seed.items() if any(r.optimiser == REFERENCE for r in rs)}
+                 for seed, rs in by_seed.items() if seed in tuned}
     muon = {seed: best_by_final([r for r in rs if r.optimiser == MUON])
             for seed, rs in by_seed.items() if any(r.optimiser == MUON for r in rs)}
     comparison = CellComparison(cell)
