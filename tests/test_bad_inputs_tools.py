@@ -149,12 +149,17 @@ def case_report_run_config_with_wrong_types(root):
     return ["report", "runs", "-o", "rep"], "config.yaml"
 
 
+def case_report_timing_runs_missing(root):
+    write_run(root / "runs", "a", ["optim.name=agd"])
+    return ["report", "runs", "--timing-runs", "no-such-timing", "-o", "rep"], "no-such-timing"
+
+
 CASES = [case_out_dir_newline, case_cli_out_dir_newline, case_sbatch_option_newline, case_time_newline,
          case_signal_with_shell_syntax, case_signal_too_late_to_checkpoint,
          case_nproc_not_a_number, case_sweep_values_not_a_list, case_sweep_values_empty, case_sweep_configs_not_names,
          case_slurm_output_under_a_file, case_report_out_under_a_file, case_report_out_is_a_file,
          case_report_only_run_has_garbage_config, case_report_only_run_has_garbage_metrics,
-         case_report_run_config_with_wrong_types]
+         case_report_run_config_with_wrong_types, case_report_timing_runs_missing]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.__name__.removeprefix("case_"))
