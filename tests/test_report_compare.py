@@ -318,6 +318,11 @@ def test_the_top_two_of_a_cell_within_the_seed_spread_get_a_third_seed(tmp_path)
     # Muon per seed at its best lr: 3.25 (2e-2), 3.40 (1e-2): mean 3.325, spread 0.15; AGD 3.355,
     # spread 0.01; the gap 0.03 is within the larger spread. Muon's two-seed means: 1e-2 3.35,
     # 2e-2 3.375, so its third seed runs at 1e-2.
+    # while Muon's 2e-2 has run on seed 0 only, Muon is not ranked yet (its best on seed 1 may change)
+    write_run(root, "muon-4e-2-s0", {"name": "muon", "lr": 4e-2}, final=3.9, seed=0)
+    tie = table_cells(build_report([root], tmp_path / "rep0")["ties_table"])[0]
+    assert tie["first (mean; seeds)"].startswith("AGD") and tie["second (mean; seeds)"].startswith("AdamW")
+    write_run(root, "muon-4e-2-s1", {"name": "muon", "lr": 4e-2}, final=3.9, seed=1)
     result = build_report([root], tmp_path / "rep")
     tie = table_cells(result["ties_table"])[0]
     assert tie["first (mean; seeds)"] == "Muon @ 1e-2 (3.3250; 3.2500, 3.4000)"

@@ -84,14 +84,15 @@ def seed_mean_lr(runs: list[RunLog], seeds: tuple[int, int]) -> float | None:
 
 
 def contenders(c: CellComparison, runs: list[RunLog]) -> list[Contender]:
-    """Every setting with a result on both of the cell's first two seeds, best mean first."""
+    """Every setting with a result on both of the cell's first two seeds (a swept family: at the
+    same lrs on both), best mean first."""
     if len(c.seeds) < 2:
         return []
     seeds = (c.seeds[0], c.seeds[1])
     found = []
     for setting, per_seed in c.entries.items():
-        if not all(s in per_seed for s in seeds):
-            continue
+        if not all(s in per_seed for s in seeds) or per_seed[seeds[0]].lrs != per_seed[seeds[1]].lrs:
+            continue  # a seed still to run, or a swept family with lrs still to run on one seed
         mine = [r for r in runs if r.cell == c.cell and r.setting == setting and not r.sensitivity]
         swept = per_seed[seeds[0]].run.lr is not None
         lr = seed_mean_lr(mine, seeds) if swept else None
