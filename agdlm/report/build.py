@@ -17,8 +17,8 @@ from agdlm.report.runs import NoRuns, RunLog, read_runs
 from agdlm.report.scaling import scaling_groups
 from agdlm.report.scaling_table import SCALING_NOTE, scaling_markdown
 from agdlm.report.tables import downstream_markdown, markdown_table, table_rows, write_csv
-from agdlm.report.ties import TIES_NOTE, ties_markdown, top_two
-from agdlm.report.timing import CHECK_NOTE, SpeedBook, checks_markdown
+from agdlm.report.ties import ties_markdown, top_two
+from agdlm.report.timing import SpeedBook, checks_markdown
 
 PLOTS = {
     "val_loss_vs_tokens.png": (plot_val_loss, "Validation loss against tokens seen, per cell"),
@@ -54,7 +54,7 @@ def write_outputs(runs: list[RunLog], out: Path, timing_runs: list[RunLog] = ())
         "ratio_summary": summary_markdown(summaries) if main_cells else None,
         "speed_summary": speed_markdown(summaries) if main_cells else None,
         "details": {c.cell.label: detail_markdown(c) for c in main_cells},
-        "ties_table": ties_markdown(top_two(main_cells, runs)), "ties_note": TIES_NOTE, "speed_check_note": CHECK_NOTE,
+        "ties_table": ties_markdown(top_two(main_cells, runs)),
         "marked": marked_notes(cells),
         "speed_check": checks_markdown(speeds),
         "borrowed": any(e.borrowed for c in cells for per_seed in c.entries.values() for e in per_seed.values()),

@@ -44,9 +44,9 @@ class Entry:
     setting: str
     run: RunLog
     reference: RunLog
+    timing: Timing  # seconds per token, from an idle machine where one measured it
     muon: RunLog | None = None
     lrs: tuple[float, ...] = ()  # a swept family: the lrs that finished in this cell and seed
-    timing: Timing | None = None  # seconds per token from an idle machine where one measured it
 
     @property
     def final(self) -> float:
@@ -75,7 +75,7 @@ class Entry:
 
     @property
     def seconds_per_token(self) -> float | None:
-        return self.timing.seconds_per_token if self.timing else self.run.seconds_per_token
+        return self.timing.seconds_per_token
 
     @property
     def time_to_target(self) -> float | None:
@@ -85,12 +85,12 @@ class Entry:
     @property
     def marked(self) -> bool:
         """Timed on a shared machine (timing.json idle: false), with no idle run of its speed class."""
-        return self.timing.marked if self.timing else not self.run.timed_idle
+        return self.timing.marked
 
     @property
     def borrowed(self) -> bool:
         """Its seconds per token come from idle runs of the same shape and optimiser, not its own."""
-        return bool(self.timing and self.timing.borrowed_from)
+        return bool(self.timing.borrowed_from)
 
 
 @dataclass
@@ -127,18 +127,17 @@ def best_by_final(runs: list[RunLog]) -> RunLog:
 def tuned_seeds(runs: list[RunLog]) -> set[int]:
     """The seeds with a tuned AdamW: as many of its lrs run as on any seed of the cell (a
     third-seed AdamW at one lr is no tuned reference), and one of them finished."""
+    adamw = [r for r in runs if r.optimiser == REFERENCE]
     lrs: dict[int, set[float]] = {}
-    for r in runs:
-        if r.optimiser == REFERENCE:
-            lrs.setdefault(r.seed, set()).add(r.lr)
+    for r in adamw:
+        lrs.setdefault(r.seed, set()).add(r.lr)
     most = max(map(len, lrs.values()), default=0)
-    return {seed for seed, mine in lrs.items() if len(mine) == most
-            and any(r.usable for r in runs if r.optimiser == REFERENCE and r.seed == seed)}
+    finished = {r.seed for r in adamw if r.usable}
+    return {seed for seed, mine in lrs.items() if len(mine) == most and seed in finished}
 
 
-def compare_cell(cell: Cell, runs: list[RunLog], speeds: SpeedBook | None = None) -> CellComparison | None:
+def compare_cell(cell: Cell, runs: list[RunLog], speeds: SpeedBook) -> CellComparison | None:
     """The comparison of one cell's runs; None without a tuned AdamW or without anything else."""
-    speeds = speeds or SpeedBook(runs)
     usable = [r for r in runs if r.usable]
     by_seed: dict[int, list[RunLog]] = {}
     for r in usable:
@@ -165,8 +164,8 @@ def compare_cell(cell: Cell, runs: list[RunLog], speeds: SpeedBook | None = None
         swept = ok[0].optimiser in LR_SWEPT
         run = best_by_final(ok) if swept else ok[0]  # lr-free duplicates: the first by name (duplicate_runs warns)
         lrs = tuple(sorted({r.lr for r in ok})) if swept else ()
-        entries.setdefault(setting, {})[seed] = Entry(cell, seed, setting, run, reference[seed], muon.get(seed), lrs,
-                                                      speeds.timing(run))
+        entries.setdefault(setting, {})[seed] = Entry(cell, seed, setting, run, reference[seed], speeds.timing(run),
+                                                      muon.get(seed), lrs)
     return comparison if len(comparison.settings) > 1 or comparison.sensitivity else None
 
 

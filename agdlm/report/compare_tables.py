@@ -170,7 +170,7 @@ def csv_rows(cells: list[CellComparison]) -> list[list]:
                                      e.reference.final_val_loss, e.ratio, muon.name if muon else "",
                                      muon.lr if muon else "", muon.final_val_loss if muon else "", e.vs_muon,
                                      e.tokens_to_target, e.seconds_per_token, e.time_to_target, e.marked,
-                                     " ".join(e.timing.borrowed_from) if e.timing else ""])
+                                     " ".join(e.timing.borrowed_from)])
                     elif failed := failures.get(setting, {}).get(seed):
                         rows.append([*cell, setting, failed[0].optimiser, sensitivity, seed, failure_text(failed),
                                      failed[0].name, *[""] * (len(CSV_HEAD) - 12)])

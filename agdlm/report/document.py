@@ -6,6 +6,8 @@ from agdlm.report.markdown import BORROWED, DAGGER
 from agdlm.report.roles import ROLES_NOTE
 from agdlm.report.shapes import FLOPS_FORMULA
 from agdlm.report.tables import RUNS_NOTE
+from agdlm.report.ties import TIES_NOTE
+from agdlm.report.timing import CHECK_NOTE
 
 RATIO_NOTE = (
     "Each value: the setting's final val loss divided by the best-tuned AdamW's (lowest final val loss over its "
@@ -79,11 +81,10 @@ def report_lines(title: str, intro: str, written: dict, plots: dict[str, str], w
         lines += section("Every optimiser setting against the best-tuned AdamW (final val loss ratio)",
                          written["ratio_table"], RATIO_NOTE, SUMMARY_NOTE, written["ratio_summary"])
         if written["ties_table"]:
-            lines += section("The top two settings per cell (the third-seed rule)", written["ties_note"],
-                             written["ties_table"])
+            lines += section("The top two settings per cell (the third-seed rule)", TIES_NOTE, written["ties_table"])
         lines += section("Tokens and time to the tuned AdamW's final val loss", SPEED_NOTE, written["speed_summary"],
                          BORROWED_NOTE if written["borrowed"] else None, DAGGER_NOTE if written["marked"] else None,
-                         written["speed_check_note"] if written["speed_check"] else None, written["speed_check"])
+                         CHECK_NOTE if written["speed_check"] else None, written["speed_check"])
         for label, detail in written["details"].items():
             lines += ["", f"### {label}", "", detail]
         if written["marked"]:

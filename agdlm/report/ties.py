@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from agdlm.report.compare import CellComparison
 from agdlm.report.markdown import fmt_loss, table
-from agdlm.report.runs import RunLog
+from agdlm.report.runs import Cell, RunLog
 from agdlm.sweep import short_number
 
 
@@ -85,7 +85,7 @@ def seed_mean_lr(runs: list[RunLog], seeds: tuple[int, int]) -> float | None:
 
 def contenders(c: CellComparison, runs: list[RunLog]) -> list[Contender]:
     """Every setting with a result on both of the cell's first two seeds (a swept family: at the
-    same lrs on both), best mean first."""
+    same lrs on both), best mean first; `runs`: the cell's."""
     if len(c.seeds) < 2:
         return []
     seeds = (c.seeds[0], c.seeds[1])
@@ -93,7 +93,7 @@ def contenders(c: CellComparison, runs: list[RunLog]) -> list[Contender]:
     for setting, per_seed in c.entries.items():
         if not all(s in per_seed for s in seeds) or per_seed[seeds[0]].lrs != per_seed[seeds[1]].lrs:
             continue  # a seed still to run, or a swept family with lrs still to run on one seed
-        mine = [r for r in runs if r.cell == c.cell and r.setting == setting and not r.sensitivity]
+        mine = [r for r in runs if r.setting == setting and not r.sensitivity]
         swept = per_seed[seeds[0]].run.lr is not None
         lr = seed_mean_lr(mine, seeds) if swept else None
         third = [r.final_val_loss for r in mine if r.usable and r.seed not in seeds and r.lr == lr]
@@ -104,9 +104,12 @@ def contenders(c: CellComparison, runs: list[RunLog]) -> list[Contender]:
 
 def top_two(cells: list[CellComparison], runs: list[RunLog]) -> list[Tie]:
     """Per cell with two seeds, its top two settings."""
+    by_cell: dict[Cell, list[RunLog]] = {}
+    for r in runs:
+        by_cell.setdefault(r.cell, []).append(r)
     ties = []
     for c in cells:
-        ranked = contenders(c, runs)
+        ranked = contenders(c, by_cell[c.cell])
         if len(ranked) >= 2:
             ties.append(Tie(c, ranked[0], ranked[1]))
     return ties

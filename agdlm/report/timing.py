@@ -30,23 +30,18 @@ def speed_class(run: RunLog) -> tuple:
 
 
 class SpeedBook:
-    """The idle seconds-per-token figures of every speed class, from finished runs; `short` are
-    the timing-only runs among them (kept apart too, for the check against full-length runs)."""
+    """The idle seconds-per-token figures of every speed class from finished runs, the full-length
+    runs' and the timing-only runs' apart (for the check of one against the other)."""
 
     def __init__(self, runs: list[RunLog], timing_runs: list[RunLog] = ()):
-        self.idle: dict[tuple, list[tuple[float, str]]] = {}
-        self.full: dict[tuple, list[float]] = {}
-        self.short: dict[tuple, list[float]] = {}
-        for r, kind in [*((r, self.full) for r in runs), *((r, self.short) for r in timing_runs)]:
-            if r.done and r.timed_idle and (spt := r.seconds_per_token) is not None:
-                self.idle.setdefault(speed_class(r), []).append((spt, r.name))
-                kind.setdefault(speed_class(r), []).append(spt)
+        self.full = idle_figures(runs)
+        self.short = idle_figures(timing_runs)
 
     def timing(self, run: RunLog) -> Timing:
         own = run.seconds_per_token
         if run.timed_idle and own is not None:
             return Timing(own, marked=False)
-        idle = self.idle.get(speed_class(run))
+        idle = self.full.get(speed_class(run), []) + self.short.get(speed_class(run), [])
         if idle:
             return Timing(statistics.median(s for s, _ in idle), marked=False,
                           borrowed_from=tuple(sorted({name for _, name in idle})))
@@ -55,8 +50,17 @@ class SpeedBook:
     def checks(self) -> list[tuple[tuple, float, float, int]]:
         """Per speed class with both: (class, the timing-only runs' median, the full-length idle
         runs' median, how many full-length runs): is a short run's speed a long run's?"""
-        return [(key, statistics.median(short), statistics.median(self.full[key]), len(self.full[key]))
-                for key, short in sorted(self.short.items()) if key in self.full]
+        return [(key, statistics.median(s for s, _ in short), statistics.median(s for s, _ in self.full[key]),
+                 len(self.full[key])) for key, short in sorted(self.short.items()) if key in self.full]
+
+
+def idle_figures(runs: list[RunLog]) -> dict[tuple, list[tuple[float, str]]]:
+    """Speed class -> (seconds per token, run name) of the finished runs timed on an idle machine."""
+    figures: dict[tuple, list[tuple[float, str]]] = {}
+    for r in runs:
+        if r.done and r.timed_idle and (spt := r.seconds_per_token) is not None:
+            figures.setdefault(speed_class(r), []).append((spt, r.name))
+    return figures
 
 
 CHECK_NOTE = (
