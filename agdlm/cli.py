@@ -4,6 +4,7 @@ so `agdlm layers` or `agdlm report` never pay for DeepSpeed or W&B imports."""
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -34,4 +35,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     module = importlib.import_module(COMMANDS[command][0])
-    return int(module.main(argv) or 0)
+    try:
+        code = int(module.main(argv) or 0)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # The reader went away (`agdlm sweep --list | grep -q todo`, `| head`): that is not an
+        # error of ours, so no traceback; stdout goes to devnull so the exit flush cannot raise.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # what a shell reports for a command ended by SIGPIPE

@@ -278,3 +278,17 @@ def test_report_names_bad_runs_and_counts_malformed_lines(tmp_path):
         assert f"| {name} |" in md
     assert "| unreadable |" not in md and "| garbage |" not in md
     assert "Skipped or partly read:" in md
+
+
+# ---- a reader that goes away early (`| head`, `| grep -q`) is not an error of ours ----------
+
+def test_closed_stdout_gives_no_traceback(tmp_path):
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write now fails with EPIPE, as after `head` has read its lines
+    try:
+        done = subprocess.run([sys.executable, "-m", "agdlm", "layers", "model/tiny.yaml"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
+    assert done.returncode == 141
