@@ -11,66 +11,25 @@ checksums: `checkpoint_problem` (a resume) and `readable_checkpoint` (sample, ex
 find a cut, changed or missing file before anything is loaded. Folders written before
 manifests existed have none and are checked as before.
 
-A write that fails because the disk is full raises DiskFullError naming the file, and
-leaves no temporary file behind."""
+Single files (the `latest` pointer, JSON) are written through agdlm.atomic_files, which also
+turns a full disk into one DiskFullError naming the file."""
 
 from __future__ import annotations
 
-import errno
-import json
 import os
 import re
 import shutil
 import zipfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from agdlm.manifest import MANIFEST, manifest_problem
+from agdlm.atomic_files import TMP_PREFIX, atomic_write_text, read_json
+from agdlm.manifest import MANIFEST, manifest_problem, seal
 
-TMP_PREFIX = ".tmp_"
 CORRUPT_PREFIX = "corrupt_"  # a checkpoint set aside: never pruned, never resumed from
 STEP_DIR = re.compile(r"step_(\d+)")
-NEARLY_FULL_BYTES = 1 << 20  # torch.save reports a full disk only as an opaque RuntimeError
-
-
-class DiskFullError(OSError):
-    def __init__(self, path: Path):
-        super().__init__(errno.ENOSPC, f"no space left on device while writing {path}")
-        self.path = path
-
-    def __str__(self) -> str:
-        return self.strerror
-
-
-def disk_is_full(error: BaseException, path: Path) -> bool:
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    try:  # a RuntimeError from torch.save's stream writer: look at the disk itself
-        return shutil.disk_usage(existing_parent(Path(path))).free < NEARLY_FULL_BYTES
-    except OSError:
-        return False
-
-
-def existing_parent(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-@contextmanager
-def reporting_full_disk(path: Path) -> Iterator[None]:
-    """Turn a write that failed for want of space into one DiskFullError naming `path`."""
-    try:
-        yield
-    except DiskFullError:
-        raise
-    except (OSError, RuntimeError) as e:
-        if disk_is_full(e, path):
-            raise DiskFullError(path) from None
-        raise
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -79,40 +38,6 @@ def checkpoints_dir(run_dir: Path) -> Path:
 
 def step_dir_name(step: int) -> str:
     return f"step_{step}"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a temporary file beside `path`, then rename it into place: readers see the old
-    file or the whole new one, never a part."""
-    path = Path(path)
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    with removed_on_failure(tmp), reporting_full_disk(path):  # look at the disk before freeing it
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-
-
-@contextmanager
-def removed_on_failure(tmp: Path) -> Iterator[None]:
-    try:
-        yield
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # frees the space a failed write took
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    with removed_on_failure(tmp), reporting_full_disk(path):  # look at the disk before freeing it
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -315,18 +240,7 @@ def commit_checkpoint(run_dir: Path, step: int, keep: int) -> Path:
 
 def write_checkpoint(run_dir: Path, step: int, keep: int, fill: Callable[[Path], None]) -> Path:
     """Single-writer convenience: begin, let `fill(folder)` write the files, seal, commit."""
-    from agdlm.manifest import seal
-
     folder = begin_checkpoint(run_dir, step)
     fill(folder)
     seal(folder)
     return commit_checkpoint(run_dir, step, keep)
-
-
-def write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def read_json(path: Path):
-    with open(path) as f:
-        return json.load(f)

@@ -21,7 +21,7 @@ def results_path(model_path: Path) -> Path:
 
 def record_results(path: Path, kind: str, key: str, result: dict) -> None:
     """Add one result under {kind: {key: result}}, keeping the others."""
-    from agdlm.checkpoint import atomic_write_text
+    from agdlm.atomic_files import atomic_write_text
 
     results = read_results_file(path)
     results.setdefault(kind, {})[key] = result

@@ -40,8 +40,8 @@ from pathlib import Path
 
 import torch
 
-from agdlm.checkpoint import (NoReadableCheckpoint, atomic_torch_save, atomic_write_bytes, checkpoints_dir,
-                              read_json, read_problem, readable_checkpoint)
+from agdlm.atomic_files import atomic_torch_save, atomic_write_bytes, read_json
+from agdlm.checkpoint import NoReadableCheckpoint, checkpoints_dir, read_problem, readable_checkpoint
 from agdlm.config import ConfigError, build_config, read_yaml_mapping
 from agdlm.model import GPT, GPTConfig
 from agdlm.parallel import CHECKPOINT_LAYOUT

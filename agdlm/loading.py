@@ -47,7 +47,8 @@ def load_model_from(path: str | Path, device: str = "cpu", trust: bool = False) 
 
 def _from_run_dir(run_dir: Path, device: str, trust: bool) -> LoadedModel:
     """The newest checkpoint that matches its manifest; newer damaged ones are named in warnings."""
-    from agdlm.checkpoint import read_json, readable_checkpoint
+    from agdlm.atomic_files import read_json
+    from agdlm.checkpoint import readable_checkpoint
     from agdlm.export import consolidated_state_dict, run_config
 
     cfg = run_config(run_dir)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from agdlm.atomic_files import atomic_write_text
+
 MANIFEST = "manifest.json"
 FORMAT = "agdlm-checkpoint-manifest/1"
 CHECKSUM = "xxh3_128"
@@ -72,8 +74,6 @@ def manifest_text(entries: dict[str, dict]) -> str:
 
 def seal(folder: Path) -> None:
     """Write the manifest of everything in `folder` on one process (atomically, last)."""
-    from agdlm.checkpoint import atomic_write_text
-
     atomic_write_text(Path(folder) / MANIFEST, manifest_text(describe(folder, list(checkpoint_files(folder)))))
 
 

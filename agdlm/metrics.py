@@ -15,7 +15,7 @@ from typing import Protocol
 
 import torch
 
-from agdlm.checkpoint import atomic_write_text, reporting_full_disk
+from agdlm.atomic_files import atomic_write_text, reporting_full_disk
 
 
 class MetricsFileError(ValueError):

@@ -27,11 +27,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from agdlm.checkpoint import (
-    DiskFullError, atomic_torch_save, atomic_write_text, begin_checkpoint, checkpoint_problem, checkpoints_dir,
-    commit_checkpoint, first_line, latest_checkpoint, point_latest_at, read_json, reporting_full_disk,
-    resume_candidates, set_aside, step_dir_name, write_json,
-)
+from agdlm.atomic_files import (DiskFullError, atomic_torch_save, atomic_write_text, read_json, reporting_full_disk,
+                                write_json)
+from agdlm.checkpoint import (begin_checkpoint, checkpoint_problem, checkpoints_dir, commit_checkpoint, first_line,
+                              latest_checkpoint, point_latest_at, resume_candidates, set_aside, step_dir_name)
 from agdlm.config import (Config, ConfigError, build_config, config_to_yaml, load_config, read_yaml_mapping,
                           section_help, split_config_items)
 from agdlm.data import DataSourceError, build_data, encoding_for, merge_states

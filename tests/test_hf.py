@@ -16,7 +16,7 @@ pytest.importorskip("safetensors")
 from safetensors import safe_open  # noqa: E402
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel  # noqa: E402
 
-from agdlm.checkpoint import atomic_write_text, write_json  # noqa: E402
+from agdlm.atomic_files import atomic_write_text, write_json  # noqa: E402
 from agdlm.config import ConfigError, config_to_yaml, load_config  # noqa: E402
 from agdlm.data.tokenizer import encoding_for  # noqa: E402
 from agdlm.export import main as export_main  # noqa: E402

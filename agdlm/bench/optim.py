@@ -28,23 +28,15 @@ import time
 
 import torch
 
+from agdlm.bench.optimisers import print_optimisers
+from agdlm.bench.step_timing import CASES, model_with_random_grads, sync, time_interleaved
+
 VIEW_OPS = {"aten::view", "aten::view_as", "aten::slice", "aten::detach", "aten::alias", "aten::as_strided", "aten::select",
             "aten::unbind", "aten::_reshape_alias", "aten::reshape", "aten::expand", "aten::t", "aten::transpose",
             "aten::lift_fresh", "aten::_unsafe_view", "aten::squeeze", "aten::unsqueeze", "aten::empty",
             "aten::empty_strided", "aten::resolve_conj", "aten::resolve_neg"}
 
-CASES = {
-    "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, bias=True),
-    "48x64": dict(n_layer=48, n_head=1, n_embd=64, block_size=1024, bias=False),
-    "48x64-bias": dict(n_layer=48, n_head=1, n_embd=64, block_size=1024, bias=True),
-    "gpt2-1.5b": dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024, bias=True),  # GPU only (~25 GB; --compile ~37)
-}
 DEFAULT_CASES = ("gpt2-124m", "48x64", "48x64-bias")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def count_ops(fn) -> tuple[int, int]:
@@ -86,29 +78,6 @@ def check_no_host_sync(step) -> None:
     torch.cuda.synchronize()
 
 
-def time_interleaved(steps: dict, device, warmup: int, repeats: int) -> dict[str, float]:
-    times = {name: [] for name in steps}
-    for i in range(warmup + repeats):
-        for name, fn in steps.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            if i >= warmup:
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def model_with_random_grads(shapes: dict, device) -> torch.nn.Module:
-    """A GPT of these shapes (vocab 50,304) whose every parameter holds a random gradient."""
-    from agdlm.model import GPT, GPTConfig
-
-    model = GPT(GPTConfig(vocab_size=50304, **shapes)).to(device)
-    for p in model.parameters():
-        p.grad = torch.randn_like(p) * 1e-3
-    return model
-
-
 def bench_case(name: str, shapes: dict, device, warmup: int, repeats: int, sync_check: bool = False,
                compiled: bool = False, variant: str = "none") -> dict:
     from agdlm.optim import AGD
@@ -134,10 +103,10 @@ def bench_case(name: str, shapes: dict, device, warmup: int, repeats: int, sync_
     comp = None
     if compiled:  # AGD(compile=True) on a third copy: its first step compiles
         agd_c = AGD(make(), compile=True, variant=variant)
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         agd_c.step()
-        _sync(device)
+        sync(device)
         comp = dict(compile_s=time.perf_counter() - t0)
         if sync_check:
             check_no_host_sync(agd_c.step)
@@ -169,10 +138,10 @@ def newton_schulz_ms(step, device) -> dict:
     original, calls = agd_module.orthogonalise_many, []
 
     def timed(ms, dtype):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         out = original(ms, dtype)
-        _sync(device)
+        sync(device)
         calls.append((time.perf_counter() - t0, [m for m in ms], dtype))
         return out
 
@@ -182,10 +151,10 @@ def newton_schulz_ms(step, device) -> dict:
     finally:
         agd_module.orthogonalise_many = original
     biggest = max((m for _, ms, _ in calls for m in ms), key=lambda m: m.numel())
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     original([biggest], calls[0][2])
-    _sync(device)
+    sync(device)
     return {"total": sum(t for t, _, _ in calls) * 1e3, "largest": (time.perf_counter() - t0) * 1e3,
             "largest_shape": tuple(biggest.shape)}
 
@@ -313,8 +282,6 @@ def main(argv: list[str] | None = None) -> int:
                   + ("; no host sync" if args.sync_check else ""))
     print("AdamW: torch.optim.AdamW (fused where available). ratio = AGD / AdamW step time.")
     if args.optimisers:
-        from agdlm.bench.optimisers import print_optimisers
-
         print_optimisers(names[0], device, args.warmup, args.repeats)
     if args.sharded:
         bench_sharded(max(args.repeats, 15))

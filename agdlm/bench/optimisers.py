@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from agdlm.bench.optim import CASES, _sync, model_with_random_grads, time_interleaved
+from agdlm.bench.step_timing import CASES, model_with_random_grads, sync, time_interleaved
 
 # (label, config files and overrides): what a user gets from `optim/<file>.yaml`
 OPTIMISERS = {
@@ -57,7 +57,7 @@ def bench_optimisers(case: str, device: torch.device, warmup: int, repeats: int)
         steps[label], built[label] = optimizer.step, (optimizer, n)
     for step in steps.values():  # first steps create state and caches
         step()
-    _sync(device)
+    sync(device)
     medians = time_interleaved(steps, device, warmup, repeats)
     return [dict(label=label, ms=medians[label] * 1e3, ratio=medians[label] / medians["fused AdamW"],
                  state_bytes_per_param=state_bytes(built[label][0]) / built[label][1]) for label in steps]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import zstandard
 
-from agdlm.checkpoint import atomic_write_bytes
+from agdlm.atomic_files import atomic_write_bytes
 
 
 def cache_dir() -> Path:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agdlm.checkpoint import atomic_write_bytes
+from agdlm.atomic_files import atomic_write_bytes
 from agdlm.data.demo import cache_dir, write_demo_shard
 from agdlm.data.packing import (
     StreamingBlocks,

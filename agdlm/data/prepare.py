@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agdlm.checkpoint import atomic_write_text
+from agdlm.atomic_files import atomic_write_text
 from agdlm.data.packing import document_tokens, is_validation_document
 from agdlm.data.sources import (
     PREPARED_MARKER,

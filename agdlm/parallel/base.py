@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from agdlm.checkpoint import atomic_torch_save
+from agdlm.atomic_files import atomic_torch_save
 from agdlm.config import ConfigError
 from agdlm.parallel import CHECKPOINT_LAYOUT
 from agdlm.parallel.env import DistEnv

@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from agdlm.checkpoint import atomic_torch_save
+from agdlm.atomic_files import atomic_torch_save
 from agdlm.config import ConfigError
 from agdlm.parallel import CHECKPOINT_LAYOUT
 from agdlm.parallel.base import Backend
