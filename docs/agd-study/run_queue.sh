@@ -1,0 +1,22 @@
+#!/bin/bash
+# Runs the AGD study's sweeps in the README's queue order, one run at a time, resumable: each
+# pass runs the first sweep that still has runs to do, then looks again from the top, so a
+# sweep file widened by a rule (an lr added to every cell) is picked up before later sweeps.
+# Stop it with `kill -- -<pgid>`; pause it for tests and benchmarks with `kill -STOP -- -<pgid>`
+# and `kill -CONT -- -<pgid>`. Commit each finished run's config.yaml, metrics.jsonl, DONE and
+# timing.json (checkpoints/ and provenance.json stay out of git).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+QUEUE=(agd-study-timing agd-study-r2 agd-study-long agd-study-gpt2-r2 agd-study-arch agd-study-gain)
+[ -f configs/sweeps/agd-study-seed3.yaml ] && QUEUE+=(agd-study-seed3)
+out=docs/agd-study/runs
+while true; do
+  next=""
+  for sweep in "${QUEUE[@]}"; do
+    todo=$(agdlm sweep "$sweep" --out-dir "$out" --list | grep -c '^  todo')  # -c reads it all: no SIGPIPE
+    [ "$todo" -gt 0 ] && { next=$sweep; break; }
+  done
+  [ -z "$next" ] && { echo "every run of the queue is finished"; exit 0; }
+  echo "=== $next $(date -u +%FT%TZ)"
+  agdlm sweep "$next" --out-dir "$out" || { echo "agdlm sweep $next failed"; exit 1; }
+done
