@@ -7,6 +7,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 runs=docs/agd-study/runs
+# The report is made from committed runs only: a run still training (or killed) has no DONE and
+# would show as failed. Commit finished runs first, or make the report in a clean clone.
+loose=$(git ls-files --others --exclude-standard -- "$runs/*/*/metrics.jsonl" | xargs -r -n1 dirname)
+if [ -n "$loose" ]; then
+  echo "make_report.sh: run folders not committed (in progress, or finished and not yet committed): $(echo $loose)" >&2
+  exit 2
+fi
 results=()
 for sweep in agd-study agd-study-gpt2 agd-study-rows agd-study-gpt2-rows agd-study-r2 agd-study-gpt2-r2 \
              agd-study-arch agd-study-gain agd-study-long agd-study-seed3; do
