@@ -72,6 +72,6 @@ def test_no_module_imports_its_own_importer():
     assert cycles(graph) == []
 
 
-def test_cycle_finder_finds_a_lazy_two_module_cycle(tmp_path):
+def test_cycle_finder_finds_a_lazy_two_module_cycle():
     graph = {"a": {"b"}, "b": {"a"}, "c": {"a"}}
     assert cycles(graph) == [["a", "b"]]
