@@ -13,8 +13,11 @@ out=docs/agd-study/runs
 while true; do
   next=""
   for sweep in "${QUEUE[@]}"; do
-    todo=$(agdlm sweep "$sweep" --out-dir "$out" --list | grep -c '^  todo')  # -c reads it all: no SIGPIPE
-    [ "$todo" -gt 0 ] && { next=$sweep; break; }
+    # A listing that fails (agdlm not installed, a bad sweep file) must stop the queue, not
+    # read as "nothing to do".
+    listing=$(agdlm sweep "$sweep" --out-dir "$out" --list) \
+      || { echo "agdlm sweep $sweep --list failed; queue stopped"; exit 1; }
+    grep -q '^  todo' <<< "$listing" && { next=$sweep; break; }
   done
   [ -z "$next" ] && { echo "every run of the queue is finished"; exit 0; }
   echo "=== $next $(date -u +%FT%TZ)"
