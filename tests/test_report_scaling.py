@@ -85,6 +85,11 @@ def test_compute_multiplier_against_tuned_adamw(tmp_path):
                       law.loss(2 * compute) + noise, seed)
             if width in (32, 64):
                 write_run(root, f"agd-w{width}-s{seed}", {"name": "agd"}, width, law.loss(compute) + 0.1, seed)
+            # 1000x better and 1000x worse: no loss overlaps AdamW's, so only a bound is honest
+            write_run(root, f"sf-w{width}-s{seed}", {"name": "schedulefree", "lr": 2.5e-3}, width,
+                      law.loss(1000 * compute) + noise, seed)
+            write_run(root, f"prodigy-w{width}-s{seed}", {"name": "prodigy"}, width, law.loss(compute / 1000) + noise,
+                      seed)
     result = build_report([root], tmp_path / "rep")
     rows = {r.split(" | ")[1]: r for r in result["scaling_table"].splitlines()[2:]}
     adamw = [c.strip() for c in rows["AdamW"].strip("|").split("|")]
@@ -94,4 +99,11 @@ def test_compute_multiplier_against_tuned_adamw(tmp_path):
     muon = [c.strip() for c in rows["Muon"].strip("|").split("|")]
     assert muon[6].startswith("2x at loss") and "extrapolated" not in muon[6]
     assert "too few widths to fit (2 < 3)" in rows["AGD default"]
+    smallest, largest = hand_flops_per_token(32) * TOKENS, hand_flops_per_token(128) * TOKENS
+    better = [c.strip() for c in rows["Schedule-free"].strip("|").split("|")][6]
+    assert better == (f"more than {largest / smallest:.3g}x at loss {law.loss(largest):.4f} "
+                      "(the losses do not overlap)")
+    worse = [c.strip() for c in rows["Prodigy"].strip("|").split("|")][6]
+    assert worse == (f"less than {smallest / largest:.3g}x at loss {law.loss(largest / 1000):.4f} "
+                     "(the losses do not overlap)")
     assert "compute_scaling.png" in [p.name for p in result["plots"]]

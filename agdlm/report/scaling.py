@@ -123,19 +123,22 @@ class Multiplier:
     """How much less compute a setting needs than the reference for the same loss: C_ref / C."""
     loss: float  # the matched loss
     value: float | None  # None: the setting's fit never reaches that loss
-    extrapolated: bool  # the loss lies outside what one of the two reached in its measured range
+    bound: str = ""  # "more" or "less": the loss ranges do not overlap, and value only bounds it
 
 
 def compute_multiplier(setting: SettingPoints, reference: SettingPoints) -> Multiplier | None:
-    """At the lowest loss both fits reach inside their measured compute (no extrapolation); where
-    their loss ranges do not overlap, at the reference's loss at its largest compute (extrapolated)."""
+    """At the lowest loss both fits reach inside their measured compute. Where their loss ranges
+    do not overlap, a fit read far outside its points says nothing, so the measured computes
+    give a bound instead: a setting whose smallest model beats the reference's largest needs
+    more than C_ref,max / C_min less compute for the reference's best loss; one whose largest
+    model trails the reference's smallest, less than C_ref,min / C_max for its own best loss."""
     if setting.fit is None or reference.fit is None:
         return None
     ranges = [(p.fit.loss(max(p.compute)), p.fit.loss(min(p.compute))) for p in (setting, reference)]
     low, high = max(r[0] for r in ranges), min(r[1] for r in ranges)
-    extrapolated = low > high
-    target = ranges[1][0] if extrapolated else low
-    theirs, mine = reference.fit.compute_at(target), setting.fit.compute_at(target)
-    if mine is None or theirs is None:
-        return Multiplier(target, None, True)
-    return Multiplier(target, theirs / mine, extrapolated)
+    if low > high and ranges[0][1] < ranges[1][0]:
+        return Multiplier(ranges[1][0], max(reference.compute) / min(setting.compute), "more")
+    if low > high:
+        return Multiplier(ranges[0][0], min(reference.compute) / max(setting.compute), "less")
+    theirs, mine = reference.fit.compute_at(low), setting.fit.compute_at(low)
+    return Multiplier(low, theirs / mine if mine and theirs else None)

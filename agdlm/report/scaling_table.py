@@ -13,9 +13,11 @@ SCALING_NOTE = (
     f"closest to the points wins); it needs {MIN_WIDTHS} or more widths, and with exactly {MIN_WIDTHS} it passes "
     "through them (unless the floor is held at 0). Compute multiplier: tuned AdamW's compute for a matched loss "
     "divided by the setting's, both read off the fits; above 1, the setting needs less compute than AdamW for "
-    "that loss. The matched loss is the lowest one both fits reach within the compute they were measured at; "
-    "where their losses do not overlap, it is AdamW's at its largest compute, and the figure is marked "
-    "extrapolated (a far extrapolation, not a measurement).")
+    "that loss. The matched loss is the lowest one both fits reach within the compute they were measured at. "
+    "Where their losses do not overlap, no fit is read outside its points: a setting whose smallest model "
+    "beats AdamW's largest gets \"more than\" AdamW's largest compute over its smallest, at AdamW's best loss; "
+    "one whose largest model trails AdamW's smallest gets \"less than\" AdamW's smallest compute over its "
+    "largest, at its own best loss.")
 
 
 def fit_text(p: SettingPoints) -> list[str]:
@@ -34,8 +36,9 @@ def multiplier_text(p: SettingPoints, reference: SettingPoints | None) -> str:
         return "-"
     if m.value is None:
         return f"never reaches {m.loss:.4f} (its fitted floor c is above it)"
-    return f"{m.value:.3g}x at loss {m.loss:.4f}" + (" (extrapolated: the losses do not overlap)"
-                                                     if m.extrapolated else "")
+    if m.bound:
+        return f"{m.bound} than {m.value:.3g}x at loss {m.loss:.4f} (the losses do not overlap)"
+    return f"{m.value:.3g}x at loss {m.loss:.4f}"
 
 
 def scaling_markdown(groups: list[ScalingGroup]) -> str:
