@@ -26,7 +26,8 @@ gives w128-agd-s0, w128-adamw-lr1e-3-s0, ... : AGD once per width and seed, Adam
 learning rate. Every run gets train.run_name = its name, train.out_dir = <out_dir>/<sweep
 name>, log.group = the sweep name and log.tags = one `axis=variant` tag per axis. Extra
 `section.key=value` arguments apply to every run (after `set`, before the axes). A run whose
-folder holds DONE is finished and skipped.
+folder holds DONE is finished and skipped; so is one that holds DIVERGED (it stopped on a
+non-finite loss or AGD's skip limit: a result, and running it again would repeat it).
 
 Every value written into a printed command or an emitted script is quoted for the line it
 lands on (bash for commands, Slurm's own rules for #SBATCH lines); a value an #SBATCH line
@@ -72,8 +73,15 @@ class Run:
         return load_config(self.configs, self.overrides)
 
     @property
+    def state(self) -> str:
+        """done, diverged (a result too: not run again) or todo."""
+        if (self.run_dir / "DONE").is_file():
+            return "done"
+        return "diverged" if (self.run_dir / "DIVERGED").is_file() else "todo"
+
+    @property
     def finished(self) -> bool:
-        return (self.run_dir / "DONE").is_file()
+        return self.state != "todo"
 
 
 @dataclass
@@ -414,7 +422,8 @@ def run_locally(sweep: Sweep, runs: list[Run], python: str | None = None) -> lis
             watch.write(run_dir / "timing.json")
         results.append((run.name, rc))
         if rc != 0:
-            print(f"[{i}/{len(runs)}] {run.name} failed (exit {rc}); going on", file=sys.stderr, flush=True)
+            what = "diverged (DIVERGED written)" if run.state == "diverged" else "failed"
+            print(f"[{i}/{len(runs)}] {run.name} {what} (exit {rc}); going on", file=sys.stderr, flush=True)
     return results
 
 
@@ -492,11 +501,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sweep {sweep.name}: {len(runs)} run(s) in {sweep.out_dir} ({len(done)} finished)")
         print(f"  every run: {' '.join(sweep.runs[0].configs + sweep.common)}")
         for r in runs:
-            print(f"  {'done' if r.finished else 'todo'}  {r.name:<28} {' '.join(r.varied)}")
+            print(f"  {r.state:<8}  {r.name:<28} {' '.join(r.varied)}")
         return 0
 
     selected = runs if args.all else pending
-    skipped_note = f"# {len(done)} finished run(s) skipped (DONE): {', '.join(r.name for r in done)}" if done and not args.all else None
+    skipped_note = f"# {len(done)} finished run(s) skipped (DONE or DIVERGED): {', '.join(r.name for r in done)}" if done and not args.all else None
     if args.emit == "torchrun":
         print(f"# agdlm sweep {comment_text(str(sweep.path))}: {len(selected)} run(s) in {comment_text(str(sweep.out_dir))}")
         if skipped_note:
@@ -528,8 +537,11 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"sweep {sweep.name}: {len(runs)} run(s) in {sweep.out_dir}; {len(done)} finished, {len(pending)} to run")
     results = run_locally(sweep, pending)
-    failed = [name for name, rc in results if rc != 0]
-    print(f"sweep {sweep.name}: {len(results) - len(failed)} run(s) finished here, {len(done)} before"
+    by_name = {r.name: r for r in pending}
+    diverged = [name for name, rc in results if rc != 0 and by_name[name].state == "diverged"]
+    failed = [name for name, rc in results if rc != 0 and name not in diverged]
+    print(f"sweep {sweep.name}: {len(results) - len(failed) - len(diverged)} run(s) finished here, {len(done)} before"
+          + (f", {len(diverged)} diverged (a result, marked DIVERGED): {', '.join(diverged)}" if diverged else "")
           + (f", {len(failed)} failed: {', '.join(failed)}" if failed else ""))
     print(f"compare them with: agdlm report {sweep.out_dir}")
     return 1 if failed else 0

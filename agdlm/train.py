@@ -5,7 +5,9 @@ A run lives in <train.out_dir>/<train.run_name>/. Launching the same run again r
 from its latest checkpoint (the same loss curve, step for step); without a `latest` pointer,
 or when that checkpoint does not load or does not match its manifest, from the newest one
 that does (a bad one is renamed corrupt_step_N, never deleted). A run that has its DONE marker
-is trained again only to a larger train.max_steps. Nothing in the run folder is written until
+is trained again only to a larger train.max_steps. A run stopped for a non-finite loss or AGD's
+skip limit gets a DIVERGED marker (the reason, one line): a result, which a sweep does not rerun;
+launching it again by hand removes it and resumes. Nothing in the run folder is written until
 the launch is known good.
 
 Checkpoints come every train.ckpt_interval steps, every train.ckpt_every_minutes if set, at
@@ -52,6 +54,9 @@ from agdlm import provenance
 # parallel.* may change while the checkpoint layout stays the same.
 RESUME_MUST_MATCH = ("model", "optim", "data", "train.global_batch_size")
 RESUME_MAY_CHANGE = ("optim.compile",)  # how the step runs, not what it computes
+
+
+DIVERGED = "DIVERGED"  # a run folder's marker: stopped for a non-finite loss or AGD's skip limit
 
 
 class TrainingDiverged(RuntimeError):
@@ -266,6 +271,7 @@ class Trainer:
         atomic_write_text(self.run_dir / "config.yaml", config_to_yaml(self.cfg))
         self._write_provenance(resumed_from=resume_from)
         (self.run_dir / "DONE").unlink(missing_ok=True)  # a finished run being extended
+        (self.run_dir / DIVERGED).unlink(missing_ok=True)  # a diverged run tried again
         if resume_from is None:  # a restart before the first checkpoint starts the curve anew
             roll_back_metrics(self.run_dir / "metrics.jsonl", step=-1)
             return
@@ -566,6 +572,10 @@ class Trainer:
                 self.stop_if_skipping()
                 if self.env.is_main:
                     atomic_write_text(self.run_dir / "DONE", f"step {self.step}\n")
+        except TrainingDiverged as e:
+            if self.env.is_main:  # every rank raises alike; the marker says the run ended, and why
+                atomic_write_text(self.run_dir / DIVERGED, f"{e}\n")
+            raise
         finally:
             profiler.stop(self.step)
             if hasattr(self, "metrics"):

@@ -19,9 +19,11 @@ TOKENS = 4096
 
 
 def write_run(root: Path, name: str, optim: dict, *, final: float | None = None, curve=None, width=64, seed=0,
-              train=None, done=True, timing=None, diverged=False) -> Path:
+              train=None, done=True, timing=None, diverged=False, stopped=False) -> Path:
     """A run folder as the trainer leaves it. `curve`: (tokens, val loss) evals; by default a
-    plain fall to `final`. `train`: the train records' extra fields, one dict per record."""
+    plain fall to `final`. `train`: the train records' extra fields, one dict per record.
+    `diverged`: a last eval of NaN; `stopped`: the trainer's DIVERGED marker (a non-finite loss
+    or AGD's skip limit stopped it between evals, so every eval it wrote is finite)."""
     config = {
         "model": {"n_layer": 2, "n_head": 2, "n_embd": width, "block_size": BLOCK, "vocab_size": 320,
                   "bias": False, "tie_embeddings": True, "dropout": 0.0},
@@ -42,6 +44,8 @@ def write_run(root: Path, name: str, optim: dict, *, final: float | None = None,
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     if done:
         (run / "DONE").write_text("done\n")
+    if stopped:
+        (run / "DIVERGED").write_text("AGD skipped 3 steps in a row up to step 5; stopping.\n")
     if timing is not None:
         (run / "timing.json").write_text(json.dumps(timing))
     return run
@@ -173,7 +177,7 @@ def test_best_lr_per_family_cell_and_seed(swept, tmp_path):
 
 # ---- ratios and the grid summary ----------------------------------------------------------
 
-# (width, seed) -> best AdamW, best Muon (None: no Muon in that cell), the AGD setting, Prodigy (None: diverged)
+# (width, seed) -> best AdamW, best Muon (None: no Muon in that cell), the AGD setting, Prodigy (None: stopped by the trainer, DIVERGED)
 FINALS = {
     (64, 0): (4.00, 3.90, 3.80, 4.32), (64, 1): (4.10, 3.95, 3.90, 4.20),
     (128, 0): (3.50, 3.40, 3.45, 3.60), (128, 1): (3.60, 3.50, 3.45, 3.70),
@@ -195,7 +199,7 @@ def grid(tmp_path):
         write_run(root, f"w{width}-s{seed}-agd", {"name": "agd", "variant": "spectral_momentum"}, final=agd,
                   width=width, seed=seed)
         write_run(root, f"w{width}-s{seed}-prodigy", {"name": "prodigy"}, final=prodigy or 3.0, width=width,
-                  seed=seed, done=prodigy is not None, diverged=prodigy is None)
+                  seed=seed, done=prodigy is not None, stopped=prodigy is None)
     return root
 
 

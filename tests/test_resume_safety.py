@@ -281,6 +281,12 @@ def test_consecutive_skipped_agd_steps_stop_the_run(tmp_path):
     assert not (run_dir / "DONE").exists()
     skipped = [r.get("agd_skipped_steps") for r in records(run_dir) if r["kind"] == "train"]
     assert skipped[:2] == [0, 0] and skipped[2:] == [1, 2, 3], skipped
+    # the run is a result, not a run in progress: DIVERGED says so, with the same line
+    assert (run_dir / "DIVERGED").read_text().strip() == lines[0].removeprefix("agdlm: ")
+    # launched again by hand (the fault gone), it resumes from the last good checkpoint and finishes
+    again = launch(run_dir, "train.max_steps=8", "train.max_skipped_steps=3")
+    assert again.returncode == 0, again.stderr
+    assert (run_dir / "DONE").is_file() and not (run_dir / "DIVERGED").exists()
 
 
 # ---- item 11: a full disk while writing a checkpoint ---------------------------------------

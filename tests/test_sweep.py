@@ -187,11 +187,29 @@ def test_local_runs_then_skips_finished(tmp_path, capsys):
     assert "2 finished, 0 to run" in capsys.readouterr().out
     assert main([str(path), "--out-dir", str(out), "--emit", "torchrun"]) == 0
     printed = capsys.readouterr().out
-    assert "2 finished run(s) skipped (DONE)" in printed and "torchrun --" not in printed
+    assert "2 finished run(s) skipped (DONE or DIVERGED)" in printed and "torchrun --" not in printed
     (out / "mini" / "w32-agd" / "DONE").unlink()
     assert main([str(path), "--out-dir", str(out), "--list"]) == 0
     listing = capsys.readouterr().out
     assert re.search(r"todo\s+w32-agd ", listing) and re.search(r"done\s+w32-adamw-lr3e-3 ", listing)
+
+
+def test_a_run_that_diverges_is_a_result_the_sweep_does_not_run_again(tmp_path, capsys, monkeypatch):
+    """AGD's skip limit stops the run (exit 3): the trainer marks it DIVERGED, the sweep counts it
+    as diverged, not failed (exit 0), and neither lists it as to do nor runs it again."""
+    path = write(tmp_path, SMALL.replace("train.max_steps: 2", "train.max_steps: 4"))
+    out = tmp_path / "runs"
+    monkeypatch.setenv("AGDLM_FAULT_INF_GRAD_FROM_STEP", "0")  # every AGD update sees an inf gradient
+    args = [str(path), "train.max_skipped_steps=2", "--out-dir", str(out), "--only=agd"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "0 run(s) finished here, 0 before, 1 diverged (a result, marked DIVERGED): w32-agd" in text
+    run_dir = out / "mini" / "w32-agd"
+    assert "skipped 2 steps in a row" in (run_dir / "DIVERGED").read_text() and not (run_dir / "DONE").exists()
+    assert main([*args, "--list"]) == 0
+    assert re.search(r"diverged\s+w32-agd ", capsys.readouterr().out)
+    assert main(args) == 0
+    assert "1 finished, 0 to run" in capsys.readouterr().out
 
 
 def test_cli_entry_point(tmp_path):

@@ -1,4 +1,4 @@
-"""Reading run folders: config.yaml, metrics.jsonl, DONE, and the optional eval.json and
+"""Reading run folders: config.yaml, metrics.jsonl, DONE or DIVERGED, and the optional eval.json and
 timing.json. A folder that holds metrics.jsonl is a run; any other folder is searched (one
 level) for runs. Everything the report knows about a run is read from these files, never from
 folder names."""
@@ -68,6 +68,7 @@ class RunLog:
     malformed_lines: list[int] = field(default_factory=list)  # metrics.jsonl lines skipped (1-based)
     downstream: dict[str, float] = field(default_factory=dict)  # eval.json's headline values (`agdlm eval`)
     timing: dict = field(default_factory=dict)  # timing.json, {} when absent
+    stopped_diverging: bool = False  # DIVERGED: the trainer stopped it (a non-finite loss, AGD's skip limit)
 
     @property
     def optim(self) -> dict:
@@ -133,9 +134,10 @@ class RunLog:
 
     @property
     def diverged(self) -> bool:
-        """The last eval is not a number: the run blew up (its earlier evals say nothing final)."""
+        """The trainer stopped it for a non-finite loss or AGD's skip limit (DIVERGED), or its last
+        eval is not a number: the run blew up (its earlier evals say nothing final)."""
         evals = [r for r in self.records if r.get("kind") == "eval" and "val_loss" in r]
-        return bool(evals) and not finite(evals[-1]["val_loss"])
+        return self.stopped_diverging or (bool(evals) and not finite(evals[-1]["val_loss"]))
 
     @property
     def usable(self) -> bool:
@@ -278,7 +280,7 @@ def read_run(path: Path) -> RunLog:
     records, malformed = read_metrics(path)
     name = str(config.get("train", {}).get("run_name") or path.name)
     run = RunLog(name, path, config, records, (path / "DONE").is_file(), malformed,
-                 headline_values(read_results(path)), read_timing(path))
+                 headline_values(read_results(path)), read_timing(path), (path / "DIVERGED").is_file())
     try:  # every config value the report reads, read once here, so a bad one names its file
         sort_key(run), run.cell, run.setting, run.gain
     except (KeyError, TypeError, ValueError, AttributeError) as e:
