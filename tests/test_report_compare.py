@@ -236,6 +236,8 @@ def test_ratio_and_beats_muon_summary(grid, tmp_path):
     assert row(detail, setting="AGD default+spectral_momentum", seed="0")["× tuned Muon"] == f"{3.45 / 3.40:.3f}"
     depth192 = table_cells(result["details"][next(k for k in result["details"] if k.startswith("w192"))])
     assert row(depth192, setting="Prodigy", seed="1")["final val loss"].startswith("diverged")
+    # the trainer's DIVERGED marker: an ended run, shown as diverged, not as one still running
+    assert "w192-s1-prodigy | " in result["table"] and "w192-s1-prodigy *" not in result["table"]
 
 
 # ---- timings from a shared machine are marked, and kept apart ------------------------------
