@@ -84,8 +84,7 @@ def build_report(paths: list[str | Path], out: str | Path, title: str | None = N
     intro = (f"{len(runs)} run(s) from {', '.join(f'`{p}`' for p in paths)}; written by `agdlm report` from each "
              "run's config.yaml and metrics.jsonl.")
     drawn = {name: PLOTS[name][1] for name in written["plots"]}
-    still_running = [r.name for r in runs if not (r.done or r.stopped_diverging)]
-    lines = report_lines(title, intro, written, drawn, warnings, still_running)
+    lines = report_lines(title, intro, written, drawn, warnings, [r.name for r in runs if not r.ended])
     missing = [text for name, (_, text) in PLOTS.items() if name not in drawn]
     if missing:
         lines += ["", "Not drawn (no data for them in these runs): " + "; ".join(missing) + "."]

@@ -140,6 +140,11 @@ class RunLog:
         return self.stopped_diverging or (bool(evals) and not finite(evals[-1]["val_loss"]))
 
     @property
+    def ended(self) -> bool:
+        """DONE, or stopped by the trainer for divergence: either way no longer running."""
+        return self.done or self.stopped_diverging
+
+    @property
     def usable(self) -> bool:
         """Finished with a final loss: the runs every comparison is made of."""
         return self.done and not self.diverged and self.final_val_loss is not None

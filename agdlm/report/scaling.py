@@ -136,9 +136,9 @@ def compute_multiplier(setting: SettingPoints, reference: SettingPoints) -> Mult
         return None
     ranges = [(p.fit.loss(max(p.compute)), p.fit.loss(min(p.compute))) for p in (setting, reference)]
     low, high = max(r[0] for r in ranges), min(r[1] for r in ranges)
-    if low > high and ranges[0][1] < ranges[1][0]:
-        return Multiplier(ranges[1][0], max(reference.compute) / min(setting.compute), "more")
-    if low > high:
+    if low > high:  # no loss that both reach
+        if ranges[0][1] < ranges[1][0]:
+            return Multiplier(ranges[1][0], max(reference.compute) / min(setting.compute), "more")
         return Multiplier(ranges[0][0], min(reference.compute) / max(setting.compute), "less")
     theirs, mine = reference.fit.compute_at(low), setting.fit.compute_at(low)
     return Multiplier(low, theirs / mine if mine and theirs else None)

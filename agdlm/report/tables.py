@@ -26,7 +26,7 @@ def optimiser_text(run: RunLog) -> str:
 
 def table_rows(runs: list[RunLog]) -> list[dict]:
     return [{
-        "run": r.name + ("" if r.done or r.stopped_diverging else " *"),  # a divergence has ended: not "*"
+        "run": r.name + ("" if r.ended else " *"),
         "optimiser": optimiser_text(r),
         "lr": short_number(r.lr) if r.lr is not None else "-",
         "params": fmt_count(r.params),

@@ -3,8 +3,8 @@
 # pass runs the first sweep that still has runs to do, then looks again from the top, so a
 # sweep file widened by a rule (an lr added to every cell) is picked up before later sweeps.
 # Stop it with `kill -- -<pgid>`; pause it for tests and benchmarks with `kill -STOP -- -<pgid>`
-# and `kill -CONT -- -<pgid>`. Commit each finished run's config.yaml, metrics.jsonl, DONE (or DIVERGED) and
-# timing.json (checkpoints/ and provenance.json stay out of git).
+# and `kill -CONT -- -<pgid>`. Commit each ended run's config.yaml, metrics.jsonl, DONE or
+# DIVERGED, and timing.json (checkpoints/ and provenance.json stay out of git).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 # An entry is a sweep, or sweep:regex for the runs of it whose name matches. The cheap depth
